@@ -1,0 +1,47 @@
+"""Shared test setup.
+
+Eight fake CPU devices are configured before JAX initialises so mesh tests can run anywhere.
+Real data lives in ``../shared/data`` (never committed here); tests that need it use the
+``shared_data`` fixture, which skips with a reason when it is absent unless
+``JAXPREF_REQUIRE_SHARED=1`` (CI), where absence is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("JAXPREF_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def _require_shared() -> bool:
+    return os.environ.get("JAXPREF_REQUIRE_SHARED", "0") == "1"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """Path to ``../shared/data``; skips (or fails under JAXPREF_REQUIRE_SHARED=1) if absent."""
+    if not SHARED_DATA.is_dir():
+        msg = f"shared data directory not found at {SHARED_DATA} (set JAXPREF_SHARED_DATA)"
+        if _require_shared():
+            pytest.fail(msg + "; JAXPREF_REQUIRE_SHARED=1 makes this an error")
+        pytest.skip(msg)
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hf_home(tmp_path_factory):
+    """Keep HF / datasets caches inside a temporary directory."""
+    home = tmp_path_factory.mktemp("hf_home")
+    os.environ.setdefault("HF_HOME", str(home))
+    os.environ.setdefault("HF_DATASETS_CACHE", str(home / "datasets"))
+    yield
