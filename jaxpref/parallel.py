@@ -53,7 +53,7 @@ def logical_param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
     axes = tuple(axes)
     if len(axes) != value.ndim:
         raise ValueError(f"logical axes {axes} do not match parameter of shape {value.shape}")
-    return nnx.Param(value, sharding=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,3 +177,31 @@ def maybe_initialize_distributed() -> bool:
         jax.distributed.initialize()
         return True
     return False
+
+
+def place_params(params, mesh: Mesh, rules=DEFAULT_RULES):
+    """Puts an NNX param state on ``mesh`` with the shardings its logical names imply."""
+    shardings = state_shardings(params, mesh, rules)
+    return jax.tree.map(lambda var, s: jax.device_put(var, s), params, shardings,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def tree_shardings(tree):
+    """The ``.sharding`` of every array leaf (for jit in/out shardings of a placed pytree)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def shard_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
+    """Places a host batch (leading axis = examples) on ``mesh``, split over ``batch`` axes.
+
+    In a multi-process run each process passes its *local* rows and the global array is
+    assembled with ``jax.make_array_from_process_local_data``.
+    """
+    def one(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim, rules)
+        if jax.process_count() > 1:
+            return jax.make_array_from_process_local_data(sharding, x)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(one, batch)

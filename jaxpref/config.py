@@ -1,0 +1,333 @@
+"""Typed run configs: frozen dataclasses as the schema, YAML files, dotted CLI overrides.
+
+Parsing and validation go through OmegaConf structured configs (a maintained library): an
+unknown key, a wrong type or a bad enum value is an error that names the full key, before
+anything is compiled. A YAML file may start with ``base: other.yaml`` (relative to itself)
+and then list only overrides (style R16). Overrides use dotted keys with YAML values::
+
+    python -m train.preference --config configs/demo.yaml optim.lr=1e-5 'loss=[{name: ipo}]' \
+        loss.0.hparams.beta=0.2 mesh.data=-1
+
+The resolved config is saved into every run directory (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from jaxpref.parallel import MeshConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to train and how to hold it.
+
+    Attributes:
+      source: ``preset:NAME`` (see :mod:`jaxpref.models.presets`), ``hf:DIR`` (an HF directory),
+        ``gguf:FILE``, ``llama2c:DIR`` or ``run:RUN_DIR[@STEP]`` (a jaxpref checkpoint).
+      overrides: ModelConfig field overrides for ``preset:`` sources (e.g. ``{num_layers: 2}``).
+      tokenizer: tokenizer source when it differs from ``source`` (same syntax), or ``byte``
+        for the built-in byte tokenizer of synthetic runs.
+      param_dtype: ``float32`` or ``bfloat16``.
+      compute_dtype: ``float32`` or ``bfloat16``.
+      remat: rematerialise each layer in the backward pass.
+    """
+
+    source: str = "preset:tiny_llama"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where pairs come from and how they are tokenised and batched.
+
+    Attributes:
+      train: local path (json/jsonl(.gz)/parquet) or HF hub id of the training pairs.
+      eval: optional held-out pairs (same syntax).
+      split: split for hub datasets.
+      format: ``auto``, ``explicit``, ``hh``, ``messages``, ``votes``, ``llmfao``, ``pandalm``,
+        ``sft`` (prompt/response demonstrations).
+      fields: field-name mapping, e.g. ``{prompt: question, chosen: good, rejected: bad}``.
+      limit: keep only the first N rows (after loading), or None for all.
+      max_length: longest prompt+response in tokens.
+      max_prompt_length: longest prompt in tokens (None: no separate limit).
+      truncation: ``keep_end`` (drop the oldest prompt tokens), ``truncate_response`` or ``drop``.
+      buckets: allowed padded lengths (ascending, the last >= max_length); few shapes, few compiles.
+      chat_template: render prompts with the tokenizer's chat template when it has one.
+      add_eos: append EOS to responses (it is then a target token).
+      shuffle: shuffle each epoch (seeded by ``train.seed``).
+    """
+
+    train: str = ""
+    eval: str | None = None
+    split: str = "train"
+    format: str = "auto"
+    fields: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    max_length: int = 512
+    max_prompt_length: int | None = None
+    truncation: str = "keep_end"
+    buckets: list[int] = field(default_factory=lambda: [128, 256, 512])
+    chat_template: bool = True
+    add_eos: bool = True
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class LossTermConfig:
+    """One weighted term of the objective (the registry name and its hyperparameters)."""
+
+    name: str = "sigmoid"
+    weight: float = 1.0
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule (optax).
+
+    Attributes:
+      name: ``adamw``, ``adam``, ``rmsprop`` (as in Razin et al.), ``sgd`` or ``adafactor``.
+      lr: peak learning rate.
+      schedule: ``constant``, ``cosine`` or ``linear`` (decay after warmup to ``lr * end_factor``).
+      warmup_steps: linear warmup from 0.
+      end_factor: final lr as a fraction of ``lr`` for cosine / linear.
+      weight_decay: decoupled weight decay (adamw) or L2 (others via optax.add_decayed_weights).
+      decay_norms_and_biases: include 1-D parameters (norm scales, biases) in weight decay.
+      b1, b2, eps: Adam moments; ``b2`` is RMSProp's decay.
+      momentum: SGD / RMSProp momentum (0 = none).
+      clip_norm: global gradient-norm clipping threshold (None = off).
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-6
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    end_factor: float = 0.0
+    weight_decay: float = 0.0
+    decay_norms_and_biases: bool = False
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.0
+    clip_norm: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """How reference log-probs are obtained.
+
+    Attributes:
+      strategy: ``live`` (frozen reference params, forward inside the step), ``precomputed``
+        (computed once, cached on disk, read with the batch) or ``none`` (reference-free losses).
+      source: reference model (same syntax as ``model.source``); None = the initial policy.
+      cache_dir: where precomputed log-probs are cached (keyed by fingerprints).
+      batch_size: batch size of the precompute pass (larger than training's: forward only).
+      sync_every: TR-DPO reference syncing every N steps (0 = never).
+      sync_alpha: soft update ``ref <- alpha * policy + (1 - alpha) * ref`` at each sync.
+    """
+
+    strategy: str = "live"
+    source: str | None = None
+    cache_dir: str = "~/.cache/jaxpref/reference_logps"
+    batch_size: int = 32
+    sync_every: int = 0
+    sync_alpha: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainLoopConfig:
+    """Steps, batch sizes and cadence.
+
+    Attributes:
+      steps: optimizer steps (0 = one epoch of the data).
+      epochs: used when ``steps == 0``.
+      batch_size: pairs (or SFT examples) per optimizer step, over all processes.
+      micro_batches: gradient-accumulation micro-batches per step (divides ``batch_size``).
+      seed: seeds init, dropout-free sampling and data order.
+      log_every: metrics cadence in steps.
+      eval_every: eval cadence in steps (0 = only at the end, if ``data.eval`` is set).
+      nan_policy: ``skip`` (drop the update, count it) or ``stop`` (save the batch ids and stop).
+      seq_chunk, vocab_chunk: chunk sizes of :func:`jaxpref.logprobs.sequence_logprobs`.
+    """
+
+    steps: int = 0
+    epochs: int = 1
+    batch_size: int = 8
+    micro_batches: int = 1
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0
+    nan_policy: str = "skip"
+    seq_chunk: int = 128
+    vocab_chunk: int = 8192
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing.
+
+    Attributes:
+      every: save every N steps (and always at the end); 0 = only at the end.
+      keep: how many checkpoints to keep.
+      async_save: write in the background while training continues.
+    """
+
+    every: int = 100
+    keep: int = 2
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go besides ``metrics.jsonl`` (always written)."""
+
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run (``train.sft``, ``train.preference``, ``train.reward_model``)."""
+
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: list[LossTermConfig] = field(default_factory=lambda: [LossTermConfig()])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_CHOICES = {
+    "optim.name": ("adamw", "adam", "rmsprop", "sgd", "adafactor"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "reference.strategy": ("live", "precomputed", "none"),
+    "data.truncation": ("keep_end", "truncate_response", "drop"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "train.nan_policy": ("skip", "stop"),
+}
+
+
+def _unfreeze(node) -> None:
+    """OmegaConf marks frozen dataclasses read-only; lift that on every node so merges work."""
+    OmegaConf.set_readonly(node, False)
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for k in keys:
+        child = node._get_node(k)
+        if isinstance(child, DictConfig | ListConfig):
+            _unfreeze(child)
+
+
+def _read_yaml(path: pathlib.Path, seen: tuple[pathlib.Path, ...] = ()) -> list[dict]:
+    """Reads a YAML file and its ``base:`` chain, base first."""
+    path = path.expanduser().resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base:' chain {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    chain = _read_yaml(path.parent / base, (*seen, path)) if base else []
+    return [*chain, {"__file__": str(path), **data}]
+
+
+def load_config(schema: type, path: str | pathlib.Path | None = None, overrides: Sequence[str] = ()):
+    """Builds a frozen config instance of ``schema`` from YAML and dotted overrides.
+
+    Args:
+      schema: a dataclass type (e.g. :class:`RunConfig`).
+      path: optional YAML file (may use ``base:``).
+      overrides: ``key.sub=value`` strings; values are parsed as YAML.
+
+    Raises:
+      ConfigError: naming the file or override and the offending key.
+    """
+    cfg = OmegaConf.structured(schema)
+    _unfreeze(cfg)
+    for layer in _read_yaml(pathlib.Path(path)) if path else []:
+        source = layer.pop("__file__")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(layer))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{source}: {_first_lines(err)}") from None
+        _unfreeze(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            OmegaConf.update(cfg, key.strip(), yaml.safe_load(raw), merge=False)
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise ConfigError(f"override {item!r}: {_first_lines(err)}") from None
+        _unfreeze(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_first_lines(err)) from None
+    _check_choices(obj)
+    return obj
+
+
+def _first_lines(err: Exception) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines()[:2])
+
+
+def _check_choices(obj) -> None:
+    for dotted, allowed in _CHOICES.items():
+        node = obj
+        for part in dotted.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if node is not None and node not in allowed:
+            raise ConfigError(f"{dotted}={node!r}: expected one of {list(allowed)}")
+
+
+def to_dict(obj) -> dict:
+    """A plain (JSON/YAML-able) dict of a config instance."""
+    return dataclasses.asdict(obj)
+
+
+def save_config(obj, path: str | pathlib.Path) -> None:
+    """Writes the resolved config as YAML (atomic rename)."""
+    path = pathlib.Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_from_dict(schema: type, data: dict):
+    """Rebuilds a config instance from :func:`to_dict` output (e.g. a saved ``config.yaml``)."""
+    cfg = OmegaConf.structured(schema)
+    _unfreeze(cfg)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(cfg, OmegaConf.create(data)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_first_lines(err)) from None

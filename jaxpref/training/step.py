@@ -1,0 +1,293 @@
+"""The pure train steps: preference (any loss composition) and SFT, with exact accumulation.
+
+Both steps are built once per run by :func:`make_preference_step` / :func:`make_sft_step` and
+jitted once by :func:`jit_step` with explicit in/out shardings and the train state donated.
+The reference parameters are a separate, non-donated argument (or ``None`` when reference
+log-probs are precomputed or the loss is reference-free) and are never differentiated.
+
+Gradient accumulation (style R13): the batch ``[B, ...]`` is split into ``k`` micro-batches of
+strided rows (row ``i`` goes to micro-batch ``i % k``, so each micro-batch stays spread over the
+data-parallel devices) and scanned with ``lax.scan``. Every loss term's batch value is
+``sum(numerator) / sum(denominator)`` with denominators that depend only on token counts, so
+the denominators of the *whole* batch are computed first and each micro-batch contributes
+``numerator / global_denominator``: the accumulated loss and gradients equal the full batch's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxpref import logprobs
+from jaxpref.losses import Composition, LossInputs
+from jaxpref.types import PairBatch, SFTBatch
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (and is checkpointed).
+
+    Attributes:
+      step: [] int32 optimizer steps taken.
+      params: policy parameters (an ``nnx.State`` of ``nnx.Param``).
+      opt_state: optax state.
+      rng: [2] uint32 raw PRNG key data (dropout-free models use it for sampling only).
+      bco_delta: [] float32 running mean of BCO rewards (TRL's RunningMoments; unused otherwise).
+      skipped: [] int32 updates skipped by the NaN guard.
+    """
+
+    step: Array
+    params: Any
+    opt_state: Any
+    rng: Array
+    bco_delta: Array
+    skipped: Array
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        bco_delta=jnp.zeros((), jnp.float32),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def split_model(model: nnx.Module):
+    """``(graphdef, params, rest)``: trainable ``nnx.Param`` state apart from everything else."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def forward_logps(graphdef, params, rest, input_ids, segment_ids, positions, loss_mask, *, seq_chunk, vocab_chunk):
+    """Summed response log-probs of ``[N, T]`` sequences in one forward pass.
+
+    Returns:
+      :class:`jaxpref.logprobs.SequenceLogProbs` with ``[N]`` sums / counts / means.
+    """
+    model = nnx.merge(graphdef, params, rest)
+    out = model(input_ids, positions=positions, segment_ids=segment_ids)
+    matrix, layout = model.unembedding()
+    return logprobs.sequence_logprobs(out.hidden, matrix, input_ids, loss_mask, layout=layout,
+                                      seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+
+
+def pair_logps(graphdef, params, rest, batch: PairBatch, **chunks) -> tuple[Array, Array]:
+    """Chosen and rejected in ONE forward of ``[2B, T]``: returns ``(sums [B, 2], counts [B, 2])``."""
+    b, two, t = batch.input_ids.shape
+    flat = lambda x: x.reshape(b * two, t)
+    lp = forward_logps(graphdef, params, rest, flat(batch.input_ids), flat(batch.segment_ids),
+                       flat(batch.positions), flat(batch.loss_mask), **chunks)
+    return lp.sums.reshape(b, two), lp.counts.reshape(b, two)
+
+
+def _split_micro(tree, k: int):
+    """[B, ...] leaves -> [k, B/k, ...] with strided rows (row i -> micro-batch i % k)."""
+
+    def one(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={k}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(one, tree)
+
+
+def _loss_inputs(sums, counts, batch: PairBatch, ref_sums, bco_delta) -> LossInputs:
+    return LossInputs(
+        policy_chosen_logps=sums[:, 0],
+        policy_rejected_logps=sums[:, 1],
+        reference_chosen_logps=None if ref_sums is None else ref_sums[:, 0],
+        reference_rejected_logps=None if ref_sums is None else ref_sums[:, 1],
+        chosen_tokens=counts[:, 0],
+        rejected_tokens=counts[:, 1],
+        votes=batch.votes.astype(jnp.float32),
+        bco_delta=bco_delta,
+    )
+
+
+def _denominators(composition: Composition, batch: PairBatch, uses_reference: bool, bco_delta) -> dict:
+    """Per-term ``sum(denom * mask)`` of the whole batch; denominators depend on counts only."""
+    counts = batch.loss_mask[..., 1:].sum(-1).astype(jnp.float32)  # [B, 2]
+    zeros = jnp.zeros_like(counts)
+    inputs = _loss_inputs(zeros, counts, batch, zeros if uses_reference else None, bco_delta)
+    outs = composition.outputs(inputs)
+    return {key: sum_ for key, (_, sum_) in composition.sums(outs, batch.example_mask).items()}
+
+
+def _norm_metrics(grads, params, updates) -> dict[str, Array]:
+    return {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates)}
+
+
+def _apply(state: TrainState, grads, loss, optimizer, nan_policy: str, extra: dict) -> tuple[TrainState, dict]:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = _norm_metrics(grads, state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+    if nan_policy == "skip":
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    metrics["nonfinite"] = (~finite).astype(jnp.int32)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        skipped=state.skipped + (~finite).astype(jnp.int32), **extra)
+    return new, metrics
+
+
+def make_preference_step(
+    graphdef,
+    rest,
+    optimizer: optax.GradientTransformation,
+    composition: Composition,
+    *,
+    reference: str = "live",
+    micro_batches: int = 1,
+    seq_chunk: int = 128,
+    vocab_chunk: int = 8192,
+    nan_policy: str = "skip",
+    bco_momentum: float = 0.0,
+) -> Callable:
+    """Builds ``step(state, ref_params, batch, ref_logps) -> (state, metrics)``.
+
+    Args:
+      graphdef, rest: from :func:`split_model` (the model structure and non-trainable state).
+      optimizer: the optax transformation.
+      composition: the weighted loss terms (:func:`jaxpref.losses.compose`).
+      reference: ``live`` (``ref_params`` given), ``precomputed`` (``ref_logps [B, 2]`` given)
+        or ``none`` (reference-free losses).
+      micro_batches: gradient-accumulation micro-batches per step.
+      nan_policy: ``skip`` keeps params and optimizer state when the loss or grad norm is
+        non-finite (counted in ``state.skipped``); ``stop`` applies nothing special here (the
+        loop stops on ``metrics['nonfinite']``).
+      bco_momentum: unused unless a ``bco_pair`` term is present (running mean of its rewards).
+    """
+    chunks = {"seq_chunk": seq_chunk, "vocab_chunk": vocab_chunk}
+    uses_ref = reference != "none"
+    bco_keys = [t.key for t in composition.terms if t.name == "bco_pair"]
+
+    def step(state: TrainState, ref_params, batch: PairBatch, ref_logps):
+        dens = _denominators(composition, batch, uses_ref, state.bco_delta)
+        n_valid = jnp.maximum(batch.example_mask.sum(), 1).astype(jnp.float32)
+
+        def micro_loss(params, mb: PairBatch, mb_ref):
+            with jax.named_scope("policy"):
+                sums, counts = pair_logps(graphdef, params, rest, mb, **chunks)
+            ref_sums = None
+            if reference == "live":
+                with jax.named_scope("reference"):
+                    ref_sums = jax.lax.stop_gradient(pair_logps(graphdef, ref_params, rest, mb, **chunks)[0])
+            elif reference == "precomputed":
+                ref_sums = mb_ref
+            inputs = _loss_inputs(sums, counts, mb, ref_sums, state.bco_delta)
+            total, _, metrics = composition(inputs, mb.example_mask, denominators=dens)
+            w = mb.example_mask.sum().astype(jnp.float32) / n_valid  # share of valid rows
+            keep = mb.example_mask
+            # loss/<term> already is numerator / global denominator: micro-batches add up exactly.
+            metrics = {k: (v if k.startswith("loss/") else v * w) for k, v in metrics.items() if k != "loss"}
+            metrics["logps/chosen"] = _masked_sum(sums[:, 0], keep) / n_valid
+            metrics["logps/rejected"] = _masked_sum(sums[:, 1], keep) / n_valid
+            return total, metrics
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        if micro_batches == 1:
+            (loss, metrics), grads = grad_fn(state.params, batch, ref_logps)
+        else:
+            mbs = _split_micro((batch, ref_logps), micro_batches)
+
+            def body(carry, xs):
+                g_acc, l_acc, m_acc = carry
+                (l, m), g = grad_fn(state.params, *xs)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, m_acc, m)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            first = jax.tree.map(lambda x: x[0], mbs)
+            m_shape = jax.eval_shape(lambda: micro_loss(state.params, *first)[1])
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (grads, loss, metrics), _ = jax.lax.scan(body, (zeros_g, jnp.zeros(()), zeros_m), mbs)
+        extra = {}
+        if bco_keys:
+            mean = metrics.get(f"{bco_keys[0]}/bco/reward_mean", state.bco_delta)
+            extra["bco_delta"] = jnp.where(state.step == 0, mean,
+                                           bco_momentum * state.bco_delta + (1 - bco_momentum) * mean)
+        new_state, norms = _apply(state, grads, loss, optimizer, nan_policy, extra)
+        metrics = {**metrics, **norms, "loss": loss,
+                   "tokens": (batch.segment_ids != 0).sum().astype(jnp.float32),
+                   "pairs": batch.example_mask.sum().astype(jnp.float32)}
+        return new_state, metrics
+
+    return step
+
+
+def _masked_sum(x, mask):
+    return jnp.where(mask, x, 0.0).sum()
+
+
+def make_sft_step(graphdef, rest, optimizer, *, micro_batches: int = 1, seq_chunk: int = 128,
+                  vocab_chunk: int = 8192, nan_policy: str = "skip") -> Callable:
+    """Builds ``step(state, batch: SFTBatch) -> (state, metrics)``: token-mean NLL of responses."""
+    chunks = {"seq_chunk": seq_chunk, "vocab_chunk": vocab_chunk}
+
+    def step(state: TrainState, batch: SFTBatch):
+        mask = batch.loss_mask * batch.example_mask[:, None]
+        total_tokens = jnp.maximum(mask[:, 1:].sum(), 1).astype(jnp.float32)
+
+        def micro_loss(params, mb: SFTBatch):
+            m = mb.loss_mask * mb.example_mask[:, None]
+            lp = forward_logps(graphdef, params, rest, mb.input_ids, mb.segment_ids, mb.positions, m, **chunks)
+            nll = -lp.sums.sum() / total_tokens
+            return nll, {"nll": jax.lax.stop_gradient(nll)}
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        if micro_batches == 1:
+            (loss, metrics), grads = grad_fn(state.params, batch)
+        else:
+            def body(carry, mb):
+                g_acc, l_acc = carry
+                (l, _), g = grad_fn(state.params, mb)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, loss), _ = jax.lax.scan(body, (zeros_g, jnp.zeros(())), _split_micro(batch, micro_batches))
+            metrics = {"nll": loss}
+        new_state, norms = _apply(state, grads, loss, optimizer, nan_policy, {})
+        metrics = {**metrics, **norms, "loss": loss, "tokens": (batch.segment_ids != 0).sum().astype(jnp.float32),
+                   "target_tokens": total_tokens}
+        return new_state, metrics
+
+    return step
+
+
+def jit_step(step: Callable, state_sharding, other_shardings: tuple, *, donate: bool = True):
+    """Jits a step once with explicit shardings; the state (argument 0) is donated.
+
+    Args:
+      step: from :func:`make_preference_step` or :func:`make_sft_step`.
+      state_sharding: pytree of ``NamedSharding`` matching the :class:`TrainState`.
+      other_shardings: shardings of the remaining arguments (None leaves = replicated/unspecified).
+    """
+    return jax.jit(step, in_shardings=(state_sharding, *other_shardings),
+                   out_shardings=(state_sharding, None), donate_argnums=(0,) if donate else ())
+
+
+def build_state(params, optimizer: optax.GradientTransformation, seed: int, mesh=None) -> TrainState:
+    """A :class:`TrainState` whose params (and so optimizer moments) are placed on ``mesh``."""
+    from jaxpref import parallel
+
+    if mesh is not None:
+        params = parallel.place_params(params, mesh)
+    state = jax.jit(lambda p: init_state(p, optimizer, seed))(params)
+    if mesh is not None:
+        # scalars and the RNG are replicated; params/moments keep the shardings they were born with
+        rep = parallel.replicated(mesh)
+        state = state.replace(step=jax.device_put(state.step, rep), rng=jax.device_put(state.rng, rep),
+                              bco_delta=jax.device_put(state.bco_delta, rep),
+                              skipped=jax.device_put(state.skipped, rep))
+    return state
