@@ -283,7 +283,7 @@ def load_config(schema: type, path: str | pathlib.Path | None = None, overrides:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
         try:
-            OmegaConf.update(cfg, key.strip(), yaml.safe_load(raw), merge=False)
+            cfg = _apply_override(cfg, key.strip(), yaml.safe_load(raw))
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise ConfigError(f"override {item!r}: {_first_lines(err)}") from None
         _unfreeze(cfg)
@@ -293,6 +293,19 @@ def load_config(schema: type, path: str | pathlib.Path | None = None, overrides:
         raise ConfigError(_first_lines(err)) from None
     _check_choices(obj)
     return obj
+
+
+def _apply_override(cfg, key: str, value):
+    """Sets one dotted key. Containers merge through the schema (so ``loss=[{name: ipo}]`` builds
+    typed entries); scalars and list-index keys (``loss.0.weight``) are set in place."""
+    parts = key.split(".")
+    if isinstance(value, dict | list) and not any(p.isdigit() for p in parts):
+        nested = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        return OmegaConf.merge(cfg, OmegaConf.create(nested))
+    OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
 
 
 def _first_lines(err: Exception) -> str:

@@ -62,14 +62,20 @@ class RunCheckpointer:
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-        """Saves ``state`` and ``meta`` at ``step`` if due (or ``force``). Returns whether it saved."""
+        """Saves ``state`` and ``meta`` at ``step`` if due (or ``force``). Returns whether it saved.
+
+        The policy params are a separate item (``params/``) so evaluation can read them without
+        knowing the optimizer; the rest of the state is ``train/``.
+        """
         if not (force or self.should_save(step)):
             return False
         if step in self.all_steps():
             return False
+        args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
+                                  train=ocp.args.StandardSave(state.replace(params=None)),
+                                  meta=ocp.args.JsonSave(meta))
         try:
-            self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                          meta=ocp.args.JsonSave(meta)), force=True)
+            self._mngr.save(step, args=args, force=True)
         except OSError as err:
             raise self._disk_error(err, step) from None
         return True
@@ -98,13 +104,15 @@ class RunCheckpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no committed checkpoint in {self.directory}")
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(template_state.params)),
+                                  train=ocp.args.StandardRestore(_abstract(template_state.replace(params=None))),
+                                  meta=ocp.args.JsonRestore())
         try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(template_state)), meta=ocp.args.JsonRestore()))
+            out = self._mngr.restore(step, args=args)
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this run's model/"
                                   f"optimizer state: {str(err).splitlines()[0]}") from None
-        return out.state, dict(out.meta), step
+        return out.train.replace(params=out.params), dict(out.meta), step
 
     def restore_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -117,19 +125,23 @@ class RunCheckpointer:
         self._mngr.close()
 
 
-def restore_params_only(directory: str | os.PathLike, template_params: Any, step: int | None = None):
-    """Reads only the policy params of a run checkpoint (for eval / export): ``(params, meta, step)``."""
-    mngr = ocp.CheckpointManager(pathlib.Path(directory).expanduser().resolve(),
-                                 options=ocp.CheckpointManagerOptions(create=False))
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no committed checkpoint in {directory}")
-    meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
-    ckptr = ocp.StandardCheckpointer()
-    state_dir = pathlib.Path(directory).expanduser().resolve() / str(step) / "state"
-    full = ckptr.metadata(state_dir)
-    del full
-    restored = ckptr.restore(state_dir, {"params": _abstract(template_params)} if False else None)
-    params = restored["params"]
-    mngr.close()
-    return params, meta, step
+def restore_params(directory: str | os.PathLike, template_params: Any, step: int | None = None):
+    """Reads only the policy params of a run checkpoint (eval / export): ``(params, step)``."""
+    directory = pathlib.Path(directory).expanduser().resolve()
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        step = mngr.latest_step() if step is None else step
+        if step is None or step not in mngr.all_steps():
+            raise CheckpointError(f"no committed checkpoint {'' if step is None else step} in {directory} "
+                                  f"(available: {sorted(mngr.all_steps())})")
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(template_params))))
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"checkpoint step {step} in {directory} does not match the model: "
+                                  f"{str(err).splitlines()[0]}") from None
+        return out.params, step
+    finally:
+        mngr.close()

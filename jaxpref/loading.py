@@ -1,0 +1,169 @@
+"""Resolve model and tokenizer specs shared by training and evaluation.
+
+Model specs:
+  * ``preset:NAME`` — a random-init preset from :mod:`jaxpref.models.presets` (+ overrides);
+  * ``hf:DIR`` or a bare directory with ``config.json`` — a Hugging Face checkpoint;
+  * ``gguf:FILE`` — a llama.cpp GGUF file (dequantised);
+  * ``llama2c:DIR`` — a llama2.c checkpoint directory (``stories260K.bin`` + ``tok512.bin``);
+  * ``run:DIR[@STEP]`` or a run directory — a jaxpref training run's checkpoint (latest or STEP).
+
+Tokenizer specs: the same (``hf:DIR``, ``gguf:FILE``, ``run:DIR``) or ``builtin[:VOCAB]``, a
+small byte-level BPE built offline (for presets and synthetic runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jaxpref import models
+
+log = logging.getLogger(__name__)
+
+
+class SpecError(ValueError):
+    """A model / tokenizer spec cannot be resolved (names the spec and what was expected)."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model and where it came from.
+
+    Attributes:
+      model: the jaxpref NNX model.
+      spec: the spec string it was loaded from.
+      tokenizer_spec: a spec that re-creates its tokenizer (saved into checkpoints).
+      hf_dir: the HF directory it came from, if any (tokenizer / chat template files).
+    """
+
+    model: Any
+    spec: str
+    tokenizer_spec: str | None
+    hf_dir: pathlib.Path | None = None
+
+
+def _split(spec: str) -> tuple[str, str]:
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("preset", "hf", "gguf", "llama2c", "run", "builtin"):
+        return kind, rest
+    path = pathlib.Path(spec).expanduser()
+    if (path / "config.json").is_file():
+        return "hf", spec
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return "run", spec
+    if spec.endswith(".gguf"):
+        return "gguf", spec
+    raise SpecError(f"model spec {spec!r}: expected preset:NAME, hf:DIR, gguf:FILE, llama2c:DIR or run:DIR[@STEP]")
+
+
+def load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh=None, dtype: str | None = None,
+               param_dtype: str | None = None) -> LoadedModel:
+    """Builds or loads the model named by ``spec`` (module docstring)."""
+    kind, rest = _split(spec)
+    cfg_over = dict(overrides or {})
+    if dtype:
+        cfg_over["dtype"] = dtype
+    if param_dtype:
+        cfg_over["param_dtype"] = param_dtype
+    if kind == "preset":
+        try:
+            config = models.get_preset(rest, **cfg_over)
+        except (KeyError, TypeError) as err:
+            raise SpecError(f"model spec {spec!r}: {err}") from None
+        model = models.build_model(config, rngs=seed)
+        if mesh is not None:
+            from jaxpref import parallel
+
+            gd, params, other = nnx.split(model, nnx.Param, ...)
+            model = nnx.merge(gd, parallel.place_params(params, mesh), other)
+        return LoadedModel(model, spec, None)
+    if kind == "hf":
+        path = pathlib.Path(rest).expanduser()
+        if not (path / "config.json").is_file():
+            raise SpecError(f"model spec {spec!r}: {path} has no config.json (expected a Hugging Face directory)")
+        return LoadedModel(models.load_hf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **(overrides or {})),
+                           spec, f"hf:{path}", path)
+    if kind == "gguf":
+        from jaxpref.models import gguf_io
+
+        path = pathlib.Path(rest).expanduser()
+        if not path.is_file():
+            raise SpecError(f"model spec {spec!r}: GGUF file {path} not found")
+        model = gguf_io.load_gguf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+        return LoadedModel(model, spec, f"gguf:{path}")
+    if kind == "llama2c":
+        model, _ = models.load_llama2c(pathlib.Path(rest).expanduser())
+        return LoadedModel(model, spec, f"llama2c:{rest}")
+    if kind == "run":
+        return load_run_model(rest, mesh=mesh)
+    raise SpecError(f"model spec {spec!r}: {kind!r} is a tokenizer spec, not a model")
+
+
+def parse_run_spec(rest: str) -> tuple[pathlib.Path, int | None]:
+    path, _, step = rest.partition("@")
+    return pathlib.Path(path).expanduser(), (int(step) if step else None)
+
+
+def load_run_model(rest: str, mesh=None) -> LoadedModel:
+    """Policy of a jaxpref run checkpoint (``DIR`` or ``DIR@STEP``)."""
+    from jaxpref.training.checkpoint import restore_params
+
+    run_dir, step = parse_run_spec(rest)
+    meta_path = run_dir / "model.json"
+    if not meta_path.is_file():
+        raise SpecError(f"run {run_dir}: no model.json (is this a jaxpref run directory?)")
+    meta = json.loads(meta_path.read_text())
+    config = models.ModelConfig.from_hf_config(meta["hf_config"])
+    model = models.build_model(config, rngs=0)
+    gd, params, other = nnx.split(model, nnx.Param, ...)
+    if mesh is not None:
+        from jaxpref import parallel
+
+        params = parallel.place_params(params, mesh)
+    params, step = restore_params(run_dir / "checkpoints", params, step)
+    return LoadedModel(nnx.merge(gd, params, other), f"run:{run_dir}@{step}", meta.get("tokenizer"))
+
+
+def load_tokenizer(spec: str | None):
+    """A ``transformers`` tokenizer from a tokenizer spec (module docstring)."""
+    if spec is None:
+        raise SpecError("no tokenizer: set model.tokenizer (e.g. builtin, hf:DIR, gguf:FILE)")
+    kind, _, rest = spec.partition(":")
+    if kind == "builtin":
+        from jaxpref.testing.tokenizers import make_tokenizer
+
+        return make_tokenizer(int(rest) if rest else 512)
+    if kind == "hf":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(rest)
+    if kind == "gguf":
+        from jaxpref.models import gguf_io
+
+        return gguf_io.load_gguf_tokenizer(rest)
+    if kind == "run":
+        run_dir, _ = parse_run_spec(rest)
+        meta = json.loads((run_dir / "model.json").read_text())
+        return load_tokenizer(meta.get("tokenizer"))
+    raise SpecError(f"tokenizer spec {spec!r}: expected builtin[:VOCAB], hf:DIR, gguf:FILE or run:DIR")
+
+
+def check_vocab(model, tokenizer, spec: str) -> None:
+    """Errors before any compilation when token ids could exceed the embedding table."""
+    n_model = model.config.vocab_size
+    n_tok = len(tokenizer)
+    if n_tok > n_model:
+        raise SpecError(f"tokenizer of {spec!r} has {n_tok} tokens but the model's vocab_size is {n_model}: "
+                        "ids would index past the embedding table (pick a matching tokenizer or model)")
+
+
+def model_meta(loaded: LoadedModel) -> dict:
+    """What a run directory needs to rebuild the model and tokenizer later (``model.json``)."""
+    return {"hf_config": loaded.model.config.to_hf_config(), "source": loaded.spec,
+            "tokenizer": loaded.tokenizer_spec, "jax_version": jax.__version__}

@@ -1,0 +1,285 @@
+"""The training loop shared by ``train.preference``, ``train.sft`` and ``train.reward_model``.
+
+A run directory holds::
+
+    config.yaml      the resolved config            model.json     model + tokenizer specs
+    metrics.jsonl    one line per logged step      rejects.jsonl  skipped rows with reasons
+    tensorboard/     TensorBoard events (optional)  checkpoints/   Orbax steps (atomic)
+    summary.json     final metrics, data and timing summary
+    run.log          the log
+
+Everything device-side is in :mod:`jaxpref.training.step`; this module wires config, data,
+model, mesh, checkpoints and logging around it. ``--resume`` restores params, optimizer state,
+step, RNG and the data-iterator position, so the resumed run sees exactly the batches it would
+have seen and ends with the same parameters (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxpref import losses, parallel
+from jaxpref.config import RunConfig, save_config, to_dict
+from jaxpref.data import formats as data_formats
+from jaxpref.data import iterator as data_iterator
+from jaxpref.data import tokenize as data_tokenize
+from jaxpref.loading import LoadedModel, check_vocab, load_model, load_tokenizer, model_meta
+from jaxpref.training import checkpoint as ckpt
+from jaxpref.training import optim, reference
+from jaxpref.training import step as steplib
+from jaxpref.training.logging import AsyncMetrics, MetricsWriter, progress_bar
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """The run cannot start or continue (names the run directory and the reason)."""
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> pathlib.Path:
+    run_dir = pathlib.Path(cfg.run_dir).expanduser().resolve()
+    has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    if has_ckpt and not resume:
+        raise RunError(f"run directory {run_dir} already has checkpoints: pass --resume to continue it, "
+                       "or choose another run_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as err:
+        raise RunError(f"run directory {run_dir} is not writable: {err.strerror}") from None
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("jaxpref").addHandler(handler)
+    logging.getLogger("jaxpref").setLevel(logging.INFO)
+    return run_dir
+
+
+def tokenize_config(cfg: RunConfig) -> data_tokenize.TokenizeConfig:
+    d = cfg.data
+    return data_tokenize.TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                                        truncation=d.truncation, chat_template=d.chat_template, add_eos=d.add_eos)
+
+
+def load_data(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str):
+    """Load -> normalise -> tokenise; writes ``rejects.jsonl``; returns (tokenised, summary)."""
+    d = cfg.data
+    if not d.train:
+        raise RunError("data.train is empty: give a dataset path or hub id")
+    # SFT accepts demonstrations (prompt/response) or pairs (trains on the chosen side).
+    fmt = data_formats.format_config(None if d.format == "auto" else d.format, fields=d.fields or None)
+    data = data_formats.load_preferences(d.train, fmt, split=d.split)
+    records = data.records[: d.limit] if d.limit else data.records
+    tok_cfg = tokenize_config(cfg)
+    if kind == "sft":
+        tokenized = data_tokenize.tokenize_sft(records, tokenizer, tok_cfg, rejects=data.rejects)
+    else:
+        tokenized = data_tokenize.tokenize_pairs(records, tokenizer, tok_cfg, rejects=data.rejects)
+    data.rejects.write(run_dir / "rejects.jsonl")
+    summary = {"rows_kept": len(tokenized), "rows_rejected": len(data.rejects),
+               "rejects_by_reason": data.rejects.counts() if hasattr(data.rejects, "counts") else {},
+               "tokenize": dataclasses.asdict(tokenized.stats)}
+    log.info("data %s: %s; %s", d.train, tokenized.stats.summary(), data.rejects.summary()
+             if hasattr(data.rejects, "summary") else f"{len(data.rejects)} rows rejected")
+    if len(tokenized) == 0:
+        raise RunError(f"data.train {d.train}: no usable rows (see {run_dir / 'rejects.jsonl'})")
+    return tokenized, summary
+
+
+def total_steps(cfg: RunConfig, n_rows: int) -> int:
+    if cfg.train.steps > 0:
+        return cfg.train.steps
+    per_epoch = n_rows // cfg.train.batch_size
+    if per_epoch == 0:
+        raise RunError(f"train.batch_size={cfg.train.batch_size} exceeds the {n_rows} usable rows")
+    return per_epoch * cfg.train.epochs
+
+
+def _composition(cfg: RunConfig):
+    spec = [{"name": t.name, "weight": t.weight, **t.hparams} for t in cfg.loss]
+    try:
+        return losses.compose(spec)
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunError(f"loss config: {err}") from None
+
+
+def _check_reference(cfg: RunConfig, comp) -> None:
+    ref_free = {"simpo", "orpo", "sft", "nll_sum", "nll_token_mean", "typo", "typo_regression"}
+    needs_ref = any(t.name not in ref_free for t in comp.terms)
+    if cfg.reference.strategy == "none" and needs_ref:
+        names = [t.name for t in comp.terms if t.name not in ref_free]
+        raise RunError(f"reference.strategy=none but loss terms {names} need reference log-probs")
+
+
+def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) a preference or SFT training run; returns the summary dict."""
+    parallel.maybe_initialize_distributed()
+    mesh = parallel.make_mesh(cfg.mesh)
+    if cfg.train.batch_size % (cfg.train.micro_batches * 1):
+        raise RunError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                       f"train.micro_batches={cfg.train.micro_batches}")
+    comp = _composition(cfg) if kind == "preference" else None
+    if comp is not None:
+        _check_reference(cfg, comp)
+    run_dir = prepare_run_dir(cfg, resume)
+
+    loaded: LoadedModel = load_model(cfg.model.source, overrides=cfg.model.overrides, seed=cfg.train.seed, mesh=mesh,
+                                     dtype=cfg.model.compute_dtype, param_dtype=cfg.model.param_dtype)
+    tok_spec = cfg.model.tokenizer or loaded.tokenizer_spec
+    tokenizer = load_tokenizer(tok_spec)
+    check_vocab(loaded.model, tokenizer, tok_spec)
+    loaded.tokenizer_spec = tok_spec
+    (run_dir / "model.json").write_text(json.dumps(model_meta(loaded), indent=2))
+
+    data, data_summary = load_data(cfg, tokenizer, run_dir, kind)
+    steps = total_steps(cfg, len(data))
+    graphdef, params, rest = steplib.split_model(loaded.model)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
+    state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
+    ref_params, ref_cache = None, None
+    if kind == "preference" and cfg.reference.strategy != "none":
+        ref_params = _reference_params(cfg, state.params, mesh)
+    it_kw = dict(global_batch_size=cfg.train.batch_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                 buckets=tuple(cfg.data.buckets), process_index=jax.process_index(),
+                 process_count=jax.process_count())
+    it = data_iterator.batch_iterator(data, **it_kw)
+
+    checkpointer = ckpt.RunCheckpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
+                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    start = 0
+    if resume and checkpointer.latest_step() is not None:
+        state, meta, start = checkpointer.restore(state)
+        it.set_state(meta["data_iterator"])
+        log.info("resumed %s at step %d", run_dir, start)
+    if kind == "preference" and cfg.reference.strategy == "precomputed":
+        ref_cache = _precompute(cfg, graphdef, rest, ref_params, data, mesh)
+        ref_params = None
+
+    chunks = {"seq_chunk": cfg.train.seq_chunk, "vocab_chunk": cfg.train.vocab_chunk}
+    if kind == "preference":
+        fn = steplib.make_preference_step(graphdef, rest, optimizer, comp, reference=cfg.reference.strategy,
+                                          micro_batches=cfg.train.micro_batches, nan_policy=cfg.train.nan_policy,
+                                          **chunks)
+    else:
+        fn = steplib.make_sft_step(graphdef, rest, optimizer, micro_batches=cfg.train.micro_batches,
+                                   nan_policy=cfg.train.nan_policy, **chunks)
+    state_sh = parallel.tree_shardings(state)
+    batch_sh = lambda b: jax.tree.map(lambda x: parallel.batch_sharding(mesh, np.ndim(x)), b)
+    jitted = {}
+
+    def call(state, batch):
+        key = jax.tree.map(np.shape, batch)
+        key = tuple(jax.tree.leaves(key))
+        if key not in jitted:
+            if kind == "preference":
+                ref_sh = None if ref_params is None else parallel.tree_shardings(ref_params)
+                rl_sh = parallel.batch_sharding(mesh, 2) if ref_cache is not None else None
+                jitted[key] = steplib.jit_step(fn, state_sh, (ref_sh, batch_sh(batch), rl_sh))
+            else:
+                jitted[key] = steplib.jit_step(fn, state_sh, (batch_sh(batch),))
+        placed = parallel.shard_batch(batch, mesh)
+        if kind == "preference":
+            rl = None
+            if ref_cache is not None:
+                rl = parallel.shard_batch(ref_cache.lookup(_positions(data, batch.index)), mesh)
+            return jitted[key](state, ref_params, placed, rl)
+        return jitted[key](state, placed)
+
+    writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
+                           config=to_dict(cfg), resume_step=start if resume else None)
+    bar = progress_bar(steps, start, cfg.logging.progress)
+    pending = AsyncMetrics()
+    last: dict[str, Any] = {}
+    tokens_total, t_start = 0.0, time.perf_counter()
+
+    def record(item):
+        nonlocal last, tokens_total
+        if item is None:
+            return
+        s, host, dt = item
+        tokens_total += float(host["tokens"])
+        host = {**host, "lr": float(schedule(s - 1)), "tokens_per_s": float(host["tokens"]) / max(dt, 1e-9)}
+        if host.get("nonfinite") and cfg.train.nan_policy == "stop":
+            raise RunError(f"non-finite loss or gradient at step {s} (batch rows {host.get('_rows')}); "
+                           f"stopping as train.nan_policy=stop; last good checkpoint: {checkpointer.latest_step()}")
+        host.pop("_rows", None)
+        if s % cfg.train.log_every == 0 or s == steps:
+            last = writer.write(s, host)
+        bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host['tokens_per_s']:.0f}")
+
+    try:
+        for s in range(start + 1, steps + 1):
+            batch = next(it)
+            t0 = time.perf_counter()
+            state, metrics = call(state, batch)
+            if cfg.train.nan_policy == "stop":
+                metrics = {**metrics, "_rows": batch.index}
+            record(pending.push(s, metrics, t0))
+            bar.update(1)
+            if kind == "preference" and cfg.reference.sync_every and s % cfg.reference.sync_every == 0:
+                ref_params = jax.jit(reference.sync_reference, static_argnums=2)(ref_params, state.params,
+                                                                                  cfg.reference.sync_alpha)
+            if checkpointer.should_save(s) or s == steps:
+                record(pending.flush())
+                checkpointer.save(s, state, {"data_iterator": it.get_state(), "step": s}, force=(s == steps))
+        record(pending.flush())
+        checkpointer.wait()
+    finally:
+        bar.close()
+        writer.close()
+        checkpointer.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
+               "skipped_updates": int(state.skipped), "seconds": elapsed,
+               "tokens_per_s": tokens_total / max(elapsed, 1e-9),
+               "reference_logps": None if ref_cache is None else
+               {"cache": str(ref_cache.path), "computed": ref_cache.computed}}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _positions(data, rows: np.ndarray) -> np.ndarray:
+    lookup = getattr(data, "_row_to_pos", None)
+    if lookup is None:
+        lookup = {int(r): i for i, r in enumerate(data.row)}
+        data._row_to_pos = lookup
+    return np.array([lookup.get(int(r), -1) for r in rows], np.int64)
+
+
+def _reference_params(cfg: RunConfig, policy_params, mesh):
+    """Frozen reference params: a copy of the initial policy, or another model's params."""
+    if cfg.reference.source is None:
+        return jax.tree.map(lambda x: x.copy(), policy_params)  # never donated, never updated
+    ref = load_model(cfg.reference.source, seed=cfg.train.seed, mesh=mesh, dtype=cfg.model.compute_dtype,
+                     param_dtype=cfg.model.param_dtype)
+    return nnx.split(ref.model, nnx.Param, ...)[1]
+
+
+def _precompute(cfg: RunConfig, graphdef, rest, ref_params, data, mesh) -> reference.ReferenceLogpCache:
+    """Reference log-probs of every pair, computed once (forward only) and cached on disk."""
+    data_fp = reference.tokens_fingerprint([data.prompt, data.chosen, data.rejected], data.pad_id)
+    key = reference.cache_key(reference.params_fingerprint(ref_params), data_fp)
+    bs = cfg.reference.batch_size
+
+    def compute() -> np.ndarray:
+        from jaxpref.data.batching import pair_batch
+
+        fwd = jax.jit(lambda p, b: steplib.pair_logps(graphdef, p, rest, b, seq_chunk=cfg.train.seq_chunk,
+                                                      vocab_chunk=cfg.train.vocab_chunk)[0])
+        out = np.zeros((len(data), 2), np.float32)
+        for lo in range(0, len(data), bs):
+            idx = list(range(lo, min(lo + bs, len(data))))
+            batch = pair_batch(data, idx, buckets=tuple(cfg.data.buckets), batch_size=bs)
+            out[lo:lo + len(idx)] = np.asarray(fwd(ref_params, parallel.shard_batch(batch, mesh)))[: len(idx)]
+        return out
+
+    return reference.ReferenceLogpCache.load_or_compute(cfg.reference.cache_dir, key, len(data), compute,
+                                                       meta={"model": cfg.reference.source or cfg.model.source})
