@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -215,8 +217,11 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
             last = writer.write(s, host)
         bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host['tokens_per_s']:.0f}")
 
+    kill_at = int(os.environ.get("JAXPREF_FAULT_KILL_AT_STEP", "0"))  # fault injection for reliability tests
     try:
         for s in range(start + 1, steps + 1):
+            if s == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
             batch = next(it)
             t0 = time.perf_counter()
             state, metrics = call(state, batch)

@@ -1,0 +1,198 @@
+"""A deterministic, checkpointable, process-sharded batch iterator on top of ``grain``.
+
+:class:`BatchDataset` is a ``grain.MapDataset`` whose element ``step`` is the *process-local*
+part of global batch number ``step``: a pure function of ``(data, config, step)``. Hence
+
+* **determinism**: the same seed gives the same batches, on any machine;
+* **resume**: the iterator state is the next step (``{"next_index": k}`` inside grain's JSON
+  state); restoring it yields exactly the batches an uninterrupted run would have seen;
+* **process sharding**: global batch ``step`` holds ``global_batch_size`` rows; process ``p``
+  of ``P`` gets rows ``[p * B, (p + 1) * B)`` with ``B = global_batch_size / P``, so the
+  processes' slices are disjoint and together form the global batch. ``T`` is the bucket of the
+  longest sequence in the *global* batch, so every process builds the same shapes (as
+  ``jax.make_array_from_process_local_data`` requires).
+
+Epoch plan: each epoch permutes the rows with ``numpy.random.default_rng([seed, epoch])``
+(identity without ``shuffle``) and cuts the permutation into global batches. The last partial
+batch is dropped (``drop_remainder``) or padded with masked rows. Optional **length grouping**
+(``length_grouping = k > 1``): within each window of ``k`` consecutive global batches the rows
+are sorted by length before cutting, and the epoch's batch order is then shuffled, so a batch
+holds sequences of similar length (less padding, smaller buckets) while the plan stays a pure
+function of the seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import sys
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxpref.data.batching import _default_buckets, choose_bucket, make_batch
+from jaxpref.data.tokenize import TokenizedPairs, TokenizedSFT
+from jaxpref.types import PairBatch, SFTBatch
+
+
+class BatchDataset(grain.MapDataset):
+    """Global step -> this process's :class:`~jaxpref.types.PairBatch` (or ``SFTBatch``)."""
+
+    def __init__(
+        self,
+        data: TokenizedPairs | TokenizedSFT,
+        *,
+        global_batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        drop_remainder: bool = True,
+        buckets: tuple[int, ...] | None = None,
+        length_grouping: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        """See the module docstring.
+
+        Args:
+          data: tokenised pairs or SFT examples.
+          global_batch_size: rows per global batch (all processes together).
+          seed: seeds the per-epoch permutation.
+          shuffle: permute rows each epoch (else file order).
+          num_epochs: epochs to run; None = forever.
+          drop_remainder: drop the last partial global batch of each epoch (else pad it).
+          buckets: allowed sequence lengths ``T``; None: powers of two up to the longest.
+          length_grouping: sort rows by length within windows of this many global batches
+            (0 or 1: off).
+          process_index: this process (default ``jax.process_index()``).
+          process_count: number of processes (default ``jax.process_count()``).
+        """
+        super().__init__()
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if global_batch_size < 1 or global_batch_size % process_count:
+            raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                             f"process_count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        n = len(data)
+        steps = n // global_batch_size if drop_remainder else -(-n // global_batch_size)
+        if steps == 0:
+            raise ValueError(f"{n} examples make no global batch of {global_batch_size} "
+                             f"(drop_remainder={drop_remainder})")
+        self.data = data
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.seed, self.shuffle, self.num_epochs = int(seed), shuffle, num_epochs
+        self.drop_remainder, self.length_grouping = drop_remainder, int(length_grouping)
+        self.process_index, self.process_count = process_index, process_count
+        self.buckets = tuple(buckets) if buckets is not None else _default_buckets(data)
+        self.steps_per_epoch = steps
+        self._lengths = data.lengths().max(axis=1) if n else np.zeros(0, np.int32)  # [N]
+        if n and self._lengths.max() > max(self.buckets):
+            raise ValueError(f"longest sequence {self._lengths.max()} exceeds the largest bucket {max(self.buckets)}")
+
+    def __len__(self) -> int:
+        return sys.maxsize if self.num_epochs is None else self.steps_per_epoch * self.num_epochs
+
+    def __str__(self) -> str:
+        return (f"BatchDataset(n={len(self.data)}, global_batch_size={self.global_batch_size}, seed={self.seed}, "
+                f"process={self.process_index}/{self.process_count})")
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hash of what determines the global batches (not the process layout: resuming on a different
+        number of processes yields the same global batches)."""
+        h = hashlib.sha256(json.dumps([
+            len(self.data), self.global_batch_size, self.seed, self.shuffle, self.drop_remainder,
+            self.buckets, self.length_grouping, self.num_epochs]).encode())
+        h.update(np.ascontiguousarray(self.data.row).tobytes())
+        h.update(np.ascontiguousarray(self._lengths).tobytes())
+        return h.hexdigest()[:16]
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (a few epochs; the dataset lives as long as its iterators)
+    def epoch_plan(self, epoch: int) -> np.ndarray:
+        """[steps_per_epoch, global_batch_size] int64 row positions of each global batch (-1 = pad)."""
+        n, g = len(self.data), self.global_batch_size
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        full = n // g * g
+        main, rest = order[:full], order[full:]
+        if self.length_grouping > 1:
+            w = self.length_grouping * g
+            main = np.concatenate([c[np.argsort(-self._lengths[c], kind="stable")]
+                                   for c in np.split(main, range(w, full, w))]) if full else main
+        batches = main.reshape(-1, g)
+        if self.length_grouping > 1 and self.shuffle:
+            batches = batches[np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))]
+        if len(rest) and not self.drop_remainder:
+            batches = np.concatenate([batches, np.concatenate([rest, np.full(g - len(rest), -1)])[None]])
+        return batches
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """[global_batch_size] row positions (into ``data``) of global batch ``step`` (-1 = pad)."""
+        if not 0 <= step < len(self):
+            raise IndexError(f"step {step} out of range [0, {len(self)})")
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.epoch_plan(epoch)[k]
+
+    def __getitem__(self, step: Any) -> PairBatch | SFTBatch:
+        if isinstance(step, slice):
+            return self.slice(step)
+        rows = self.global_indices(int(step))  # [G]
+        real = rows[rows >= 0]
+        seq_len = choose_bucket(int(self._lengths[real].max()) if len(real) else 1, self.buckets)
+        b = self.local_batch_size
+        local = rows[self.process_index * b:(self.process_index + 1) * b]
+        return make_batch(self.data, local, seq_len=seq_len, batch_size=b)
+
+
+class BatchIterator:
+    """Iterator over a :class:`BatchDataset` with a JSON-able, validated state.
+
+    ``get_state()`` returns ``{"grain": <grain iterator state>, "fingerprint": ...}``;
+    ``set_state`` refuses a state saved for different data or settings.
+    """
+
+    def __init__(self, dataset: BatchDataset, read_options: grain.ReadOptions | None = None):
+        self.dataset = dataset
+        # Batches are built from in-memory arrays: threads only add GIL contention (grain's advice).
+        self._it = iter(dataset.to_iter_dataset(read_options or grain.ReadOptions(num_threads=0,
+                                                                                  prefetch_buffer_size=0)))
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> PairBatch | SFTBatch:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._it.get_state(), "fingerprint": self.dataset.fingerprint}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.dataset.fingerprint:
+            raise ValueError(f"iterator state was saved for different data or settings (fingerprint "
+                             f"{state.get('fingerprint')!r}, this dataset {self.dataset.fingerprint!r})")
+        self._it.set_state(state["grain"])
+
+
+def batch_iterator(data: TokenizedPairs | TokenizedSFT, *, global_batch_size: int,
+                   state: dict[str, Any] | None = None, read_options: grain.ReadOptions | None = None,
+                   **kw: Any) -> BatchIterator:
+    """A :class:`BatchIterator` over ``BatchDataset(data, global_batch_size=..., **kw)``.
+
+    Args:
+      data: tokenised pairs or SFT examples.
+      global_batch_size: rows per global batch.
+      state: a previous ``get_state()`` to resume from.
+      read_options: grain read options (default: no threads, no prefetch).
+      **kw: the other :class:`BatchDataset` arguments (seed, shuffle, buckets, process_index...).
+    """
+    it = BatchIterator(BatchDataset(data, global_batch_size=global_batch_size, **kw), read_options)
+    if state is not None:
+        it.set_state(state)
+    return it

@@ -1,0 +1,1 @@
+"""Test helpers: tiny offline stand-ins for downloads (tokenizers, models, data)."""

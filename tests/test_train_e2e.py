@@ -1,0 +1,151 @@
+"""End to end on real data: SFT then DPO on HH-RLHF, run-directory contents, rejects,
+precomputed reference reuse, and save -> SIGKILL -> --resume reproducing an uninterrupted run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpref.config import RunConfig, load_config
+from jaxpref.training.loop import RunError, run_training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COMMON = [
+    "model.source=preset:tiny_llama", "model.tokenizer=builtin", "model.overrides={vocab_size: 512}",
+    "data.limit=16", "data.max_length=128", "data.buckets=[128]", "train.batch_size=8",
+    "logging.progress=false", "logging.tensorboard=true", "train.seq_chunk=32", "train.vocab_chunk=256",
+]
+
+
+def cfg_for(tmp, name, hh, *extra):
+    return load_config(RunConfig, None, [f"run_dir={tmp / name}", f"data.train={hh}", *COMMON, *extra])
+
+
+@pytest.fixture(scope="module")
+def hh(shared_data):
+    return shared_data / "hh_rlhf_helpful_base_test_2k.jsonl"
+
+
+@pytest.fixture(scope="module")
+def sft_then_dpo(tmp_path_factory, hh):
+    tmp = tmp_path_factory.mktemp("e2e")
+    sft = run_training(cfg_for(tmp, "sft", hh, "train.steps=6", "optim.lr=3e-3", "checkpoint.every=3"), kind="sft")
+    dpo = run_training(cfg_for(tmp, "dpo", hh, f"model.source=run:{tmp / 'sft'}", "train.steps=6",
+                               "optim.lr=1e-3", "train.micro_batches=2", "checkpoint.every=3",
+                               "loss=[{name: sigmoid, hparams: {beta: 0.1}}]"), kind="preference")
+    return tmp, sft, dpo
+
+
+def _metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_then_dpo_losses_fall(sft_then_dpo):
+    tmp, sft, dpo = sft_then_dpo
+    m_sft = _metrics(tmp / "sft")
+    assert [m["step"] for m in m_sft] == list(range(1, 7))
+    assert m_sft[-1]["loss"] < m_sft[0]["loss"] - 0.2
+    m_dpo = _metrics(tmp / "dpo")
+    assert m_dpo[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy == reference at step 0
+    assert min(m["loss"] for m in m_dpo[2:]) < m_dpo[0]["loss"] - 0.01
+    assert m_dpo[-1]["rewards/accuracies"] >= 0.5
+
+
+def test_run_directory_has_everything(sft_then_dpo):
+    tmp, _, dpo = sft_then_dpo
+    run = tmp / "dpo"
+    for name in ("config.yaml", "metrics.jsonl", "model.json", "rejects.jsonl", "summary.json", "run.log"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["final_metrics"]["step"] == 6
+    assert load_config(RunConfig, run / "config.yaml").train.micro_batches == 2  # resolved config reloads
+
+
+def test_rejects_report_known_bad_rows(sft_then_dpo):
+    tmp, _, dpo = sft_then_dpo
+    rejects = [json.loads(x) for x in (tmp / "dpo" / "rejects.jsonl").read_text().splitlines()]
+    by_row = {r["row"]: r["reason"] for r in rejects}
+    assert {120, 740, 1214, 721} <= set(by_row)
+    assert by_row[721] == "identical"
+    assert {by_row[r] for r in (120, 740, 1214)} == {"whitespace_only"}
+    assert dpo["data"]["rows_rejected"] == len(rejects)
+
+
+def test_precomputed_reference_matches_live_and_is_reused(sft_then_dpo, hh, caplog):
+    tmp, _, _ = sft_then_dpo
+    extra = [f"model.source=run:{tmp / 'sft'}", "train.steps=2", "reference.strategy=precomputed",
+             f"reference.cache_dir={tmp / 'refcache'}", "reference.batch_size=8", "checkpoint.every=0",
+             "loss=[{name: sigmoid}]"]
+    first = run_training(cfg_for(tmp, "pre1", hh, *extra), kind="preference")
+    second = run_training(cfg_for(tmp, "pre2", hh, *extra), kind="preference")
+    assert first["reference_logps"]["computed"] is True
+    assert second["reference_logps"]["computed"] is False  # loaded from the cache, no recomputation
+    assert second["reference_logps"]["cache"] == first["reference_logps"]["cache"]
+    # The cached values equal a live forward of the reference (the SFT policy).
+    live = _metrics(tmp / "dpo")[0]
+    pre = _metrics(tmp / "pre1")[0]
+    assert pre["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    cached = np.load(first["reference_logps"]["cache"])["logps"]
+    from jaxpref import loading
+    from jaxpref.data.batching import pair_batch
+    from jaxpref.training import loop, step as S
+
+    cfg = cfg_for(tmp, "pre1", hh, *extra)
+    loaded = loading.load_model(f"run:{tmp / 'sft'}")
+    tok = loading.load_tokenizer(loaded.tokenizer_spec)
+    data, _ = loop.load_data(cfg, tok, tmp / "scratch", "preference") if (tmp / "scratch").mkdir() is None else None
+    gd, params, rest = S.split_model(loaded.model)
+    batch = pair_batch(data, list(range(len(data))), buckets=(128,))
+    live_logps = np.asarray(jax.jit(lambda p, b: S.pair_logps(gd, p, rest, b, seq_chunk=32, vocab_chunk=256)[0])(
+        params, batch))
+    np.testing.assert_allclose(cached, live_logps, atol=1e-5, rtol=1e-6)
+    assert live["logps/chosen"] != 0
+
+
+def test_config_errors_are_clear(tmp_path, hh):
+    with pytest.raises(RunError, match="need reference log-probs"):
+        run_training(cfg_for(tmp_path, "x", hh, "reference.strategy=none", "loss=[{name: sigmoid}]"))
+    with pytest.raises(RunError, match="does not take hyperparameter"):
+        run_training(cfg_for(tmp_path, "y", hh, "loss=[{name: sigmoid, hparams: {tau: 1.0}}]"))
+
+
+def _cli(tmp, name, hh, *extra, env=None, resume=False):
+    cmd = [sys.executable, "-m", "train.preference", f"run_dir={tmp / name}", f"data.train={hh}", *COMMON,
+           "train.steps=6", "checkpoint.every=2", "optim.lr=1e-3", "logging.tensorboard=false",
+           *extra] + (["--resume"] if resume else [])
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _final_params(run_dir):
+    from jaxpref import loading
+
+    loaded = loading.load_model(f"run:{run_dir}")
+    from flax import nnx
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.split(loaded.model, nnx.Param, ...)[1])]
+
+
+def test_kill_and_resume_matches_uninterrupted_run_bitwise(tmp_path, hh):
+    full = _cli(tmp_path, "full", hh)
+    assert full.returncode == 0, full.stderr[-2000:]
+    sync = "checkpoint.async_save=false"  # step 4 is surely committed before the kill at step 5
+    killed = _cli(tmp_path, "killed", hh, sync, env={"JAXPREF_FAULT_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9  # SIGKILL
+    resumed = _cli(tmp_path, "killed", hh, sync, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at step 4" in resumed.stderr
+    for a, b in zip(_final_params(tmp_path / "full"), _final_params(tmp_path / "killed")):
+        np.testing.assert_array_equal(a, b)
+    m_full = _metrics(tmp_path / "full")
+    m_res = _metrics(tmp_path / "killed")
+    assert [m["step"] for m in m_res] == list(range(1, 7))
+    assert [m["loss"] for m in m_res] == [m["loss"] for m in m_full]
