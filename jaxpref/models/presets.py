@@ -1,0 +1,153 @@
+"""Named :class:`ModelConfig` presets: real checkpoints' shapes and tiny test models.
+
+Full-size presets mirror the public ``config.json`` of each checkpoint (checked by exact
+parameter counts in the tests, through ``jax.eval_shape``, so nothing is allocated). Tiny
+presets (D <= 64, 2 layers) exercise one family feature each and are what the parity tests
+build random Hugging Face models from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jaxpref.models.config import Family, ModelConfig, RopeScaling
+
+# ------------------------------------------------------------------------------- full size
+
+
+def llama3_8b(**kw) -> ModelConfig:
+    """Meta-Llama-3.1-8B (8,030,261,248 parameters)."""
+    return ModelConfig(
+        Family.LLAMA, vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(),
+        max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001, **kw)
+
+
+def mistral_7b(**kw) -> ModelConfig:
+    """Mistral-7B-v0.1 (7,241,732,096 parameters; sliding window 4096)."""
+    return ModelConfig(
+        Family.MISTRAL, vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, norm_eps=1e-5, sliding_window=4096, max_position_embeddings=32768,
+        bos_token_id=1, eos_token_id=2, **kw)
+
+
+def qwen2_0_5b(**kw) -> ModelConfig:
+    """Qwen2-0.5B (494,032,768 parameters; tied, q/k/v biases)."""
+    return ModelConfig(
+        Family.QWEN2, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+        num_kv_heads=2, head_dim=64, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True, tie_word_embeddings=True,
+        max_position_embeddings=131072, bos_token_id=151643, eos_token_id=151643, **kw)
+
+
+def smollm2_135m(**kw) -> ModelConfig:
+    """SmolLM2-135M (134,515,008 parameters; Llama, tied, GQA 9/3)."""
+    return ModelConfig(
+        Family.LLAMA, vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+        max_position_embeddings=8192, bos_token_id=0, eos_token_id=0, **kw)
+
+
+def gemma_2b(**kw) -> ModelConfig:
+    """gemma-2b (2,506,172,416 parameters; MQA, head_dim 256)."""
+    return ModelConfig(
+        Family.GEMMA, vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_layers=18, num_heads=8,
+        num_kv_heads=1, head_dim=256, norm_eps=1e-6, act="gelu_tanh", tie_word_embeddings=True,
+        max_position_embeddings=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0, **kw)
+
+
+def gpt2_small(**kw) -> ModelConfig:
+    """gpt2 (124,439,808 parameters)."""
+    return ModelConfig(
+        Family.GPT2, vocab_size=50257, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
+        num_kv_heads=12, head_dim=64, norm_eps=1e-5, act="gelu_tanh", tie_word_embeddings=True,
+        qkv_bias=True, out_bias=True, mlp_bias=True, max_position_embeddings=1024,
+        bos_token_id=50256, eos_token_id=50256, **kw)
+
+
+def pythia_160m(**kw) -> ModelConfig:
+    """EleutherAI/pythia-160m (162,322,944 parameters; rotary 25%, parallel residual)."""
+    return ModelConfig(
+        Family.GPT_NEOX, vocab_size=50304, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
+        num_kv_heads=12, head_dim=64, norm_eps=1e-5, partial_rotary_factor=0.25, act="gelu",
+        qkv_bias=True, out_bias=True, mlp_bias=True, parallel_residual=True, max_position_embeddings=2048,
+        bos_token_id=0, eos_token_id=0, **kw)
+
+
+def stories260k(**kw) -> ModelConfig:
+    """llama2.c ``stories260K`` (260,032 parameters; tied, GQA 8/4)."""
+    return ModelConfig(
+        Family.LLAMA, vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=5, num_heads=8,
+        num_kv_heads=4, head_dim=8, norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, **kw)
+
+
+# ------------------------------------------------------------------------------- tiny
+
+_TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+             head_dim=8, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_llama(**kw) -> ModelConfig:
+    """Llama 2 shape, untied, GQA 4/2."""
+    return ModelConfig(Family.LLAMA, **{**_TINY, "norm_eps": 1e-5, **kw})
+
+
+def tiny_llama3(**kw) -> ModelConfig:
+    """Llama 3.1 RoPE scaling with a short original context so all three frequency bands occur."""
+    scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    return ModelConfig(Family.LLAMA, **{**_TINY, "rope_scaling": scaling, **kw})
+
+
+def tiny_smollm2(**kw) -> ModelConfig:
+    """SmolLM2 shape: Llama, tied embeddings, GQA 4/1."""
+    return ModelConfig(Family.LLAMA, **{**_TINY, "num_kv_heads": 1, "tie_word_embeddings": True, **kw})
+
+
+def tiny_mistral(**kw) -> ModelConfig:
+    """Mistral with a 4-token sliding window (shorter than the test sequences)."""
+    return ModelConfig(Family.MISTRAL, **{**_TINY, "sliding_window": 4, **kw})
+
+
+def tiny_qwen2(**kw) -> ModelConfig:
+    """Qwen2: q/k/v biases, untied."""
+    return ModelConfig(Family.QWEN2, **{**_TINY, "qkv_bias": True, "rope_theta": 1000000.0, **kw})
+
+
+def tiny_qwen2_tied(**kw) -> ModelConfig:
+    """Qwen2: q/k/v biases, tied (like the real 0.5B-1.5B checkpoints)."""
+    return tiny_qwen2(**{"tie_word_embeddings": True, **kw})
+
+
+def tiny_gemma(**kw) -> ModelConfig:
+    """Gemma: (1 + w) RMSNorm, scaled embeddings, gelu-tanh, MQA, head_dim 16 != D / H."""
+    return ModelConfig(Family.GEMMA, **{**_TINY, "num_kv_heads": 1, "head_dim": 16, "act": "gelu_tanh",
+                                        "tie_word_embeddings": True, **kw})
+
+
+def tiny_gpt2(**kw) -> ModelConfig:
+    """GPT-2: learned positions, LayerNorm, gelu_new, tied, all biases."""
+    return ModelConfig(Family.GPT2, **{**_TINY, "num_kv_heads": 4, "intermediate_size": 128, "act": "gelu_tanh",
+                                       "norm_eps": 1e-5, "tie_word_embeddings": True, "qkv_bias": True,
+                                       "out_bias": True, "mlp_bias": True, **kw})
+
+
+def tiny_gpt_neox(**kw) -> ModelConfig:
+    """GPT-NeoX / Pythia: fused per-head QKV, 25% rotary, parallel residual, untied head."""
+    return ModelConfig(Family.GPT_NEOX, **{**_TINY, "num_kv_heads": 4, "act": "gelu", "norm_eps": 1e-5,
+                                           "partial_rotary_factor": 0.25, "parallel_residual": True,
+                                           "qkv_bias": True, "out_bias": True, "mlp_bias": True, **kw})
+
+
+PRESETS: dict[str, Callable[..., ModelConfig]] = {
+    f.__name__: f for f in (llama3_8b, mistral_7b, qwen2_0_5b, smollm2_135m, gemma_2b, gpt2_small, pythia_160m,
+                            stories260k, tiny_llama, tiny_llama3, tiny_smollm2, tiny_mistral, tiny_qwen2,
+                            tiny_qwen2_tied, tiny_gemma, tiny_gpt2, tiny_gpt_neox)
+}
+TINY_PRESETS: tuple[str, ...] = tuple(name for name in PRESETS if name.startswith("tiny_"))
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """A preset by name, with field overrides (e.g. ``dtype="bfloat16"``)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)

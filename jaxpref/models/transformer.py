@@ -1,0 +1,181 @@
+"""The decoder-only transformer every family specialises (see :mod:`jaxpref.models.base`).
+
+One pre-norm block (``attn_norm -> attention``, ``mlp_norm -> MLP``, sequential or parallel
+residual) and one model skeleton (embedding [+ learned positions] -> blocks -> final norm
+-> unembedding). Family differences are data in :class:`ModelConfig` and its
+:class:`~jaxpref.models.config.FamilyTraits`; family subclasses only add their Hugging Face
+key table, so there is a single forward pass to test and optimise.
+
+Parameter tree (``[...]`` = only when the config asks for it)::
+
+    embed.embedding_vd            [vocab, embed]
+    [position_pd]                 [positions, embed]         (GPT-2)
+    layers.{i}.attn_norm.scale_d [.bias_d]
+    layers.{i}.attn.{query_dnh, key_dkh, value_dkh, out_nhd} [+ biases]
+    layers.{i}.mlp_norm.scale_d [.bias_d]
+    layers.{i}.mlp.{[gate_df], up_df, down_fd} [+ biases]
+    final_norm.scale_d [.bias_d]
+    [lm_head_dv]                  [embed, vocab]             (untied)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpref.models import layers
+from jaxpref.models.base import KVCache, ModelOutput
+from jaxpref.models.config import Family, ModelConfig, rope_inv_freq
+from jaxpref.models.hf_keys import KeyTable
+from jaxpref.parallel import logical_param
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: ``x + attn(norm x)`` then ``+ mlp(norm x)`` (or both from x: parallel)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.parallel_residual = cfg.parallel_residual
+        self.attn_norm = layers.make_norm(cfg)
+        self.attn = layers.Attention(cfg, rngs=rngs)
+        self.mlp_norm = layers.make_norm(cfg)
+        self.mlp = layers.make_mlp(cfg, rngs=rngs)
+
+    def __call__(self, x_btd, *, mask, rope, cache=None, layer=0, index=0):
+        """[B, T, D] -> ([B, T, D], updated cache buffers); see :meth:`layers.Attention.__call__`."""
+        h, cache = self.attn(self.attn_norm(x_btd), mask=mask, rope=rope, cache=cache, layer=layer, index=index)
+        if self.parallel_residual:
+            return x_btd + h + self.mlp(self.mlp_norm(x_btd)), cache
+        x_btd = x_btd + h
+        return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its run of equal segment ids: [B, T] -> [B, T] int32.
+
+    ``[[1, 1, 1, 2, 2, 0]] -> [[0, 1, 2, 0, 1, 0]]``; left padding ``[[0, 0, 1, 1]] -> [[0, 1, 0, 1]]``.
+    """
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+
+
+class CausalLM(nnx.Module):
+    """A causal LM following the :class:`jaxpref.models.base.CausalLM` contract.
+
+    Subclasses set :attr:`FAMILIES` (the config families they implement) and :attr:`HF_KEYS`.
+    """
+
+    FAMILIES: ClassVar[tuple[Family, ...]] = ()
+    HF_KEYS: ClassVar[KeyTable | None] = None
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        if self.FAMILIES and config.family not in self.FAMILIES:
+            raise ValueError(f"{type(self).__name__} implements {[f.value for f in self.FAMILIES]}, "
+                             f"not {config.family.value}")
+        self.config = config
+        self.embed = layers.Embedding(config, rngs=rngs)
+        if config.learned_positions:
+            shape = (config.max_position_embeddings, config.hidden_size)
+            self.position_pd = logical_param(layers.init_normal(config, rngs, shape), (None, "embed"))
+        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = layers.make_norm(config)
+        if not config.tie_word_embeddings:
+            self.lm_head_dv = logical_param(layers.init_normal(config, rngs, (config.hidden_size, config.vocab_size)),
+                                            ("embed", "vocab"))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        return_logits: bool = False,
+    ) -> ModelOutput:
+        """Forward pass.
+
+        Args:
+          input_ids: [B, T] int token ids.
+          positions: [B, T] int position ids. Default: restart at 0 at every segment start
+            (:func:`segment_positions`), offset by the number of non-padding slots already
+            in ``cache`` (right for one sequence per row, left-padded or not).
+          segment_ids: [B, T] int, 0 = padding; tokens attend causally within their own
+            segment. Default: all ones.
+          cache: a :class:`KVCache`; this call's keys/values are written at ``cache.index``
+            (the caller keeps ``index + T <= S``; out-of-range writes are clamped by XLA).
+          return_logits: also compute [B, T, V] float32 logits.
+
+        Returns:
+          :class:`ModelOutput` with ``hidden`` [B, T, D] (compute dtype), ``logits`` and ``cache``.
+        """
+        cfg = self.config
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids)
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if positions is None:
+            positions = segment_positions(segment_ids)
+            if cache is not None:
+                positions = positions + jnp.sum(cache.segment_ids != 0, axis=1, dtype=jnp.int32)[:, None]
+        positions = jnp.asarray(positions, jnp.int32)
+
+        x = self.embed(input_ids)
+        rope = None
+        if cfg.learned_positions:
+            x = x + jnp.take(self.position_pd[...], positions, axis=0).astype(x.dtype)
+        else:
+            rope = layers.rope_sin_cos(positions, rope_inv_freq(cfg))
+
+        if cache is None:
+            kv, index = None, 0
+            mask = layers.attention_mask(segment_ids, positions, segment_ids, positions, cfg.sliding_window)
+        else:
+            kv, index = (cache.k, cache.v), cache.index
+            kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
+            kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
+            mask = layers.attention_mask(segment_ids, positions, kv_segments, kv_positions, cfg.sliding_window)
+
+        for i, block in enumerate(self.layers):
+            def run(block, x, mask, rope, kv, index, layer=i):
+                return block(x, mask=mask, rope=rope, cache=kv, layer=layer, index=index)
+
+            x, kv = (nnx.remat(run) if cfg.remat else run)(block, x, mask, rope, kv, index)
+
+        hidden = self.final_norm(x)
+        logits = self.logits(hidden) if return_logits else None
+        if cache is not None:
+            cache = KVCache(k=kv[0], v=kv[1], segment_ids=kv_segments, positions=kv_positions,
+                            index=cache.index + input_ids.shape[1])
+        return ModelOutput(hidden=hidden, logits=logits, cache=cache)
+
+    def unembedding(self) -> tuple[jax.Array, str]:
+        """The output projection: ``([D, V], "dv")`` for a head, ``([V, D], "vd")`` when tied."""
+        if self.config.tie_word_embeddings:
+            return self.embed.embedding_vd[...], "vd"
+        return self.lm_head_dv[...], "dv"
+
+    def logits(self, hidden_btd: jax.Array) -> jax.Array:
+        """[B, T, D] final hidden states -> [B, T, V] float32 logits (float32 accumulation)."""
+        matrix, layout = self.unembedding()
+        eq = "btd,dv->btv" if layout == "dv" else "btd,vd->btv"
+        return jnp.einsum(eq, hidden_btd, matrix.astype(hidden_btd.dtype), preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty cache: k/v [L, B, S, KV, hd] zeros (compute dtype by default), segments 0, index 0."""
+        cfg = self.config
+        shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        dtype = jnp.dtype(dtype) if dtype is not None else cfg.jnp_dtype
+        zeros_bs = jnp.zeros((batch_size, max_length), jnp.int32)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), segment_ids=zeros_bs,
+                       positions=zeros_bs, index=jnp.zeros((), jnp.int32))
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of parameter elements (works on ``nnx.eval_shape`` models too)."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return int(sum(np.prod(x.shape) for x in leaves))
