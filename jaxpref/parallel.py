@@ -170,6 +170,9 @@ def maybe_initialize_distributed() -> bool:
     nproc = os.environ.get("JAX_NUM_PROCESSES")
     if coord and nproc and int(nproc) > 1:
         pid = int(os.environ["JAX_PROCESS_ID"])
+        if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            # CPU-only multi-process runs need a collectives backend for cross-process reductions.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         log.info("jax.distributed.initialize(coordinator=%s, num_processes=%s, process_id=%d)", coord, nproc, pid)
         jax.distributed.initialize(coordinator_address=coord, num_processes=int(nproc), process_id=pid)
         return True

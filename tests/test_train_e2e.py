@@ -96,12 +96,14 @@ def test_precomputed_reference_matches_live_and_is_reused(sft_then_dpo, hh, capl
     cached = np.load(first["reference_logps"]["cache"])["logps"]
     from jaxpref import loading
     from jaxpref.data.batching import pair_batch
-    from jaxpref.training import loop, step as S
+    from jaxpref.training import loop
+    from jaxpref.training import step as S
 
     cfg = cfg_for(tmp, "pre1", hh, *extra)
     loaded = loading.load_model(f"run:{tmp / 'sft'}")
     tok = loading.load_tokenizer(loaded.tokenizer_spec)
-    data, _ = loop.load_data(cfg, tok, tmp / "scratch", "preference") if (tmp / "scratch").mkdir() is None else None
+    (tmp / "scratch").mkdir()
+    data, _ = loop.load_data(cfg, tok, tmp / "scratch", "preference")
     gd, params, rest = S.split_model(loaded.model)
     batch = pair_batch(data, list(range(len(data))), buckets=(128,))
     live_logps = np.asarray(jax.jit(lambda p, b: S.pair_logps(gd, p, rest, b, seq_chunk=32, vocab_chunk=256)[0])(

@@ -1,0 +1,55 @@
+"""Two CPU processes on localhost with ``jax.distributed`` (gloo collectives) run the real
+training loop on a data-parallel mesh spanning both, each feeding its own rows, and log the
+same losses as one process on the whole batch."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _args(run_dir, hh):
+    return [sys.executable, "-m", "train.preference", f"run_dir={run_dir}", "model.source=preset:tiny_llama",
+            "model.tokenizer=builtin", "model.overrides={vocab_size: 512}", f"data.train={hh}", "data.limit=16",
+            "data.max_length=128", "data.buckets=[128]", "train.batch_size=8", "train.steps=2",
+            "logging.progress=false", "logging.tensorboard=false", "train.seq_chunk=32", "train.vocab_chunk=256",
+            "optim.lr=1e-3", "checkpoint.every=0"]
+
+
+def _losses(run_dir):
+    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, shared_data):
+    hh = shared_data / "hh_rlhf_helpful_base_test_2k.jsonl"
+    base_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = {**base_env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen(_args(tmp_path / "multi", hh), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "num_processes=2" in outs[0]
+    single = subprocess.run(_args(tmp_path / "single", hh), cwd=REPO, env=base_env, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi, one = _losses(tmp_path / "multi"), _losses(tmp_path / "single")
+    assert len(multi) == len(one) == 2
+    assert multi == pytest.approx(one, rel=1e-5, abs=1e-6)
