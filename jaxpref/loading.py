@@ -95,7 +95,7 @@ def load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh=
         path = pathlib.Path(rest).expanduser()
         if not path.is_file():
             raise SpecError(f"model spec {spec!r}: GGUF file {path} not found")
-        model = gguf_io.load_gguf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+        model, _ = gguf_io.load_gguf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **(overrides or {}))
         return LoadedModel(model, spec, f"gguf:{path}")
     if kind == "llama2c":
         model, _ = models.load_llama2c(pathlib.Path(rest).expanduser())
@@ -146,7 +146,7 @@ def load_tokenizer(spec: str | None):
     if kind == "gguf":
         from jaxpref.models import gguf_io
 
-        return gguf_io.load_gguf_tokenizer(rest)
+        return gguf_io.gguf_tokenizer(rest)
     if kind == "run":
         run_dir, _ = parse_run_spec(rest)
         meta = json.loads((run_dir / "model.json").read_text())
