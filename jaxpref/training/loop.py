@@ -124,7 +124,10 @@ def _check_reference(cfg: RunConfig, comp) -> None:
 def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = False) -> dict[str, Any]:
     """Runs (or resumes) a preference or SFT training run; returns the summary dict."""
     parallel.maybe_initialize_distributed()
-    mesh = parallel.make_mesh(cfg.mesh)
+    try:
+        mesh = parallel.make_mesh(cfg.mesh)
+    except ValueError as err:
+        raise RunError(f"{err} (jax sees {jax.device_count()} devices)") from None
     if cfg.train.batch_size % (cfg.train.micro_batches * 1):
         raise RunError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                        f"train.micro_batches={cfg.train.micro_batches}")
