@@ -39,7 +39,7 @@ class MetricsWriter:
                  config: dict | None = None, resume_step: int | None = None):
         self.run_dir = pathlib.Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
+        if resume_step is not None and self.path.exists() and jax.process_index() == 0:
             self._truncate_after(resume_step)
         self._fh = self.path.open("a", encoding="utf-8")
         self._tb = None

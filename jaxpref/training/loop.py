@@ -55,10 +55,12 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> pathlib.Path:
                        "or choose another run_dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        if jax.process_index() == 0:  # one writer; the other processes share the directory
+            save_config(cfg, run_dir / "config.yaml")
     except OSError as err:
         raise RunError(f"run directory {run_dir} is not writable: {err.strerror}") from None
-    handler = logging.FileHandler(run_dir / "run.log")
+    handler = logging.FileHandler(run_dir / ("run.log" if jax.process_index() == 0 else
+                                             f"run.process{jax.process_index()}.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("jaxpref").addHandler(handler)
     logging.getLogger("jaxpref").setLevel(logging.INFO)
@@ -85,7 +87,8 @@ def load_data(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str):
         tokenized = data_tokenize.tokenize_sft(records, tokenizer, tok_cfg, rejects=data.rejects)
     else:
         tokenized = data_tokenize.tokenize_pairs(records, tokenizer, tok_cfg, rejects=data.rejects)
-    data.rejects.write(run_dir / "rejects.jsonl")
+    if jax.process_index() == 0:
+        data.rejects.write(run_dir / "rejects.jsonl")
     summary = {"rows_kept": len(tokenized), "rows_rejected": len(data.rejects),
                "rejects_by_reason": data.rejects.counts() if hasattr(data.rejects, "counts") else {},
                "tokenize": dataclasses.asdict(tokenized.stats)}
@@ -142,7 +145,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     tokenizer = load_tokenizer(tok_spec)
     check_vocab(loaded.model, tokenizer, tok_spec)
     loaded.tokenizer_spec = tok_spec
-    (run_dir / "model.json").write_text(json.dumps(model_meta(loaded), indent=2))
+    if jax.process_index() == 0:
+        (run_dir / "model.json").write_text(json.dumps(model_meta(loaded), indent=2))
 
     data, data_summary = load_data(cfg, tokenizer, run_dir, kind)
     steps = total_steps(cfg, len(data))
@@ -250,7 +254,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
                "tokens_per_s": tokens_total / max(elapsed, 1e-9),
                "reference_logps": None if ref_cache is None else
                {"cache": str(ref_cache.path), "computed": ref_cache.computed}}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
