@@ -15,10 +15,10 @@ from jaxpref.models.base import CausalLM as CausalLMProtocol
 from jaxpref.models.base import KVCache, ModelOutput
 from jaxpref.models.config import Family, FamilyTraits, ModelConfig, RopeScaling, UnsupportedConfigError
 from jaxpref.models.gemma import Gemma
+from jaxpref.models.gguf_io import gguf_to_hf_dir, load_gguf, read_gguf
 from jaxpref.models.gpt2 import GPT2
 from jaxpref.models.gpt_neox import GPTNeoX
 from jaxpref.models.hf_io import CheckpointMismatchError, SafetensorsCheckpoint, load_hf, params_from_hf, save_hf
-from jaxpref.models.gguf_io import gguf_to_hf_dir, load_gguf, read_gguf
 from jaxpref.models.llama import Llama
 from jaxpref.models.llama2c import Llama2cTokenizer, load_llama2c
 from jaxpref.models.presets import PRESETS, get_preset

@@ -224,7 +224,10 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
             last = writer.write(s, host)
         bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host['tokens_per_s']:.0f}")
 
-    kill_at = int(os.environ.get("JAXPREF_FAULT_KILL_AT_STEP", "0"))  # fault injection for reliability tests
+    # Fault injection for the reliability tests: SIGKILL before step N, or right after the
+    # (asynchronous) checkpoint write of step N was started.
+    kill_at = int(os.environ.get("JAXPREF_FAULT_KILL_AT_STEP", "0"))
+    kill_after_save = int(os.environ.get("JAXPREF_FAULT_KILL_AFTER_SAVE_STEP", "0"))
     try:
         for s in range(start + 1, steps + 1):
             if s == kill_at:
@@ -242,6 +245,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
             if checkpointer.should_save(s) or s == steps:
                 record(pending.flush())
                 checkpointer.save(s, state, {"data_iterator": it.get_state(), "step": s}, force=(s == steps))
+                if s == kill_after_save:
+                    os.kill(os.getpid(), signal.SIGKILL)
         record(pending.flush())
         checkpointer.wait()
     finally:
