@@ -9,6 +9,8 @@ Subpackages (imported on first use, so ``import jaxpref`` stays cheap):
 * :mod:`jaxpref.generation` — jitted sampling with a KV cache;
 * :mod:`jaxpref.data` — loading, validation, tokenisation, batching;
 * :mod:`jaxpref.training` — the pure train step, reference strategies, checkpoints, loop;
+* :mod:`jaxpref.evaluation` — evaluation glue: batched pair scoring, generation, judges, result files;
+* :mod:`jaxpref.reward_model` — Bradley-Terry reward model (head, training, ``rm:`` judge);
 * :mod:`jaxpref.parallel` — mesh, logical-axis rules, multi-host initialisation;
 * :mod:`jaxpref.config` — typed run configs.
 """
@@ -17,8 +19,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("config", "data", "generation", "loading", "logprobs", "losses", "metrics", "models", "parallel",
-               "training", "types")
+_SUBMODULES = ("config", "data", "evaluation", "generation", "loading", "logprobs", "losses", "metrics", "models",
+               "parallel", "reward_model", "training", "types")
 
 
 def __getattr__(name):

@@ -120,14 +120,24 @@ def load_run_model(rest: str, mesh=None) -> LoadedModel:
         raise SpecError(f"run {run_dir}: no model.json (is this a jaxpref run directory?)")
     meta = json.loads(meta_path.read_text())
     config = models.ModelConfig.from_hf_config(meta["hf_config"])
-    model = models.build_model(config, rngs=0)
+    # Without a mesh the restore target can be abstract (no init program to compile: ~0.2 s instead of
+    # several seconds on CPU); with one, a real init gives the target shardings.
+    model = models.abstract_model(config) if mesh is None else models.build_model(config, rngs=0)
     gd, params, other = nnx.split(model, nnx.Param, ...)
-    if mesh is not None:
+    if mesh is None:
+        params = single_device_target(params)
+    else:
         from jaxpref import parallel
 
         params = parallel.place_params(params, mesh)
     params, step = restore_params(run_dir / "checkpoints", params, step)
     return LoadedModel(nnx.merge(gd, params, other), f"run:{run_dir}@{step}", meta.get("tokenizer"))
+
+
+def single_device_target(params):
+    """Abstract restore target on the default device (not the shardings the checkpoint was saved with)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
 
 
 def load_tokenizer(spec: str | None):
@@ -167,3 +177,63 @@ def model_meta(loaded: LoadedModel) -> dict:
     """What a run directory needs to rebuild the model and tokenizer later (``model.json``)."""
     return {"hf_config": loaded.model.config.to_hf_config(), "source": loaded.spec,
             "tokenizer": loaded.tokenizer_spec, "jax_version": jax.__version__}
+
+
+def export_tokenizer(spec: str | None, out: str | pathlib.Path) -> str:
+    """Writes the tokenizer of ``spec`` into the HF directory ``out``; returns how.
+
+    ``hf:DIR`` files are copied verbatim (what :func:`jaxpref.models.save_hf` does with
+    ``source_dir``); other specs are built and saved with ``tokenizer.save_pretrained(out)``.
+    ``run:DIR`` specs are followed to the run's own tokenizer spec.
+
+    Returns:
+      ``"copied from DIR"``, ``"saved"`` or ``"none"`` (the run records no tokenizer).
+
+    Raises:
+      SpecError: the tokenizer cannot be saved in the Hugging Face format.
+    """
+    from jaxpref.models.hf_io import TOKENIZER_FILES
+
+    out = pathlib.Path(out)
+    while spec and spec.startswith("run:"):
+        run_dir, _ = parse_run_spec(spec.partition(":")[2])
+        spec = json.loads((run_dir / "model.json").read_text()).get("tokenizer")
+    if spec is None:
+        log.warning("no tokenizer recorded: exported the model only")
+        return "none"
+    kind, _, rest = spec.partition(":")
+    src = pathlib.Path(rest).expanduser()
+    if kind == "hf" and any((src / name).exists() for name in TOKENIZER_FILES):
+        import shutil
+
+        for name in ("generation_config.json", *TOKENIZER_FILES):
+            if (src / name).exists() and src.resolve() != out.resolve():
+                shutil.copy2(src / name, out / name)
+        return f"copied from {src}"
+    tokenizer = load_tokenizer(spec)
+    if not hasattr(tokenizer, "save_pretrained"):
+        raise SpecError(f"tokenizer {spec!r} ({type(tokenizer).__name__}) cannot be saved in the HF format")
+    tokenizer.save_pretrained(out)
+    return "saved"
+
+
+def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str | None = None) -> dict[str, Any]:
+    """Exports a run's policy (``RUN_DIR[@STEP]``) as a Hugging Face directory with its tokenizer.
+
+    Args:
+      run: the run directory, optionally ``@STEP`` (default: the latest checkpoint); a leading
+        ``run:`` is accepted.
+      out: output directory (created); ``transformers.AutoModelForCausalLM.from_pretrained``
+        loads it.
+      dtype: export dtype (default: the run's ``param_dtype``).
+
+    Returns:
+      ``{"model": spec with the step, "out": path, "tokenizer": how it was exported}``.
+    """
+    rest = str(run).removeprefix("run:")
+    loaded = load_run_model(rest)
+    out = models.save_hf(loaded.model, out, dtype=dtype)
+    how = export_tokenizer(loaded.tokenizer_spec, out)
+    (out / "jaxpref_export.json").write_text(json.dumps({"source": loaded.spec, "tokenizer": loaded.tokenizer_spec,
+                                                         "dtype": dtype}, indent=2))
+    return {"model": loaded.spec, "out": str(out), "tokenizer": how}

@@ -1,0 +1,217 @@
+"""Ranking accuracy, idealized ranking accuracy and the alignment gap (Chen et al. 2024).
+
+    python -m eval.ranking --model hf:DIR [--reference hf:REF] --data pairs.jsonl --out DIR \
+        [--limit N] [--betas 0.01 0.1 1 5 10] [--strict-ties] [--include-ties]
+
+Writes ``ranking.json`` (summary), ``per_example.jsonl`` and ``margins.png`` / ``idealized.png`` /
+``flip_threshold.png`` into ``--out``.
+
+* R and R̃ (Def. 2.3, eq. 15) of ``--model`` on summed / per-token-mean response log-probs; exact ties
+  count as correct (the paper's ≥) unless ``--strict-ties`` (the released code).
+* R* and R̃* (Cor. 3.3) from the **reference** log-probs (``--reference``, default: ``--model`` itself) and
+  the vote shares α of the data (``votes`` / ``pandalm`` / ``llmfao`` formats), clipped to
+  [1e-3, 1 − 1e-3]. Data without votes uses the released code's fallback α = ``--fallback-alpha``
+  (0.75); ``idealized.alpha_source`` says which. Reported per β with min / median / max.
+* Ties (α = 0.5) are excluded from every accuracy by default (Chen Fig. 1, Tables 1 and 4); with
+  ``--include-ties`` R uses the Def. C.1 rule (ε = 0.01 on summed log-probs for R, on 1/perplexity for R̃)
+  and R* counts ties with the same rule on the reference.
+* Alignment gap = 100 · (median_β R* − R), in points.
+* Difficulty (Chen Thm 4.1): quantiles of the flip threshold τ = softplus(−β c) with
+  c = log π_ref(y_l) − log π_ref(y_w) at ``--beta``; with ``--reference`` also the four flip categories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+
+from eval import common
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(p)
+    p.add_argument("--reference", default=None, help="reference model spec for R* and flip categories "
+                                                     "(default: --model); tokenised with --model's tokenizer")
+    common.add_data_args(p)
+    common.add_common_args(p)
+    p.add_argument("--betas", type=float, nargs="+", default=None, help="β grid for R* (default 0.01 0.1 1 5 10)")
+    p.add_argument("--beta", type=float, default=0.1, help="β of the flip threshold / DPO loss (difficulty)")
+    p.add_argument("--strict-ties", action="store_true", help="equal log-probs count as wrong (released code)")
+    p.add_argument("--include-ties", action="store_true", help="keep α = 0.5 pairs (Def. C.1 tie rule)")
+    p.add_argument("--fallback-alpha", type=float, default=0.75, help="α for data without votes (code default)")
+    return p
+
+
+def compute(model_scores, ref_scores, votes: np.ndarray, tie: np.ndarray, *, has_votes: bool, betas, beta: float,
+            ties_correct: bool, include_ties: bool, fallback_alpha: float, has_reference: bool):
+    """(summary dict, per-example columns) from :class:`jaxpref.evaluation.PairScores` of model and reference."""
+    from jaxpref import metrics
+
+    betas = tuple(metrics.DEFAULT_BETAS if betas is None else betas)
+    alpha = np.asarray(votes, np.float32) if has_votes else np.full(len(votes), fallback_alpha, np.float32)
+    tie = np.asarray(tie, bool) & has_votes
+    keep = jnp.asarray(~tie | include_ties)
+    s, c, m = (jnp.asarray(x) for x in (model_scores.sums, model_scores.counts, model_scores.means))
+    rs, rm = jnp.asarray(ref_scores.sums), jnp.asarray(ref_scores.means)
+
+    plain = metrics.ranking_accuracy(s[:, 0], s[:, 1], c[:, 0], c[:, 1], keep, ties_correct=ties_correct)
+    correct = np.asarray(metrics.pair_correct(s[:, 0], s[:, 1], ties_correct=ties_correct))
+    correct_n = np.asarray(metrics.pair_correct(m[:, 0], m[:, 1], ties_correct=ties_correct))
+    r, rn = float(plain.ranking.mean), float(plain.normalized.mean)
+    if include_ties and tie.any():  # Def. C.1 on the released code's scales
+        a = jnp.asarray(alpha)
+        gm = metrics.tie_scale_scores(s, c, "geometric_mean_prob")
+        correct = np.where(tie, np.asarray(metrics.ties_rule_correct(s[:, 0], s[:, 1], a)), correct)
+        correct_n = np.where(tie, np.asarray(metrics.ties_rule_correct(gm[:, 0], gm[:, 1], a)), correct_n)
+        r, rn = float(correct.mean()), float(correct_n.mean())
+
+    b = jnp.asarray(betas, jnp.float32)
+    ideal = metrics.idealized_ranking_accuracy(rs[:, 0], rs[:, 1], jnp.asarray(alpha), b, keep,
+                                               include_ties=include_ties)
+    ideal_n = metrics.idealized_ranking_accuracy(rm[:, 0], rm[:, 1], jnp.asarray(alpha), b, keep,
+                                                 include_ties=include_ties)
+    summ, summ_n = metrics.beta_summary(ideal.mean), metrics.beta_summary(ideal_n.mean)
+    ideal_correct = np.asarray(metrics.idealized_correct(rs[:, 0], rs[:, 1], jnp.asarray(alpha), b)).T  # [N, nβ]
+
+    d = metrics.example_difficulty(s[:, 0], s[:, 1], rs[:, 0], rs[:, 1], beta, ties_correct=ties_correct)
+    n_eval = int(np.sum(np.asarray(keep)))
+    from jaxpref.evaluation import describe
+
+    summary = {
+        "n_pairs": int(len(votes)),
+        "n_evaluated": n_eval,
+        "n_ties": int(tie.sum()),
+        "ties_included": include_ties,
+        "ties_correct": ties_correct,
+        "ranking_accuracy": r,
+        "ranking_accuracy_normalized": rn,
+        "exact_log_prob_ties": int(np.sum(np.asarray(s[:, 0] == s[:, 1]))),
+        "idealized": {
+            "alpha_source": "votes" if has_votes else f"fallback: no votes in the data, alpha = {fallback_alpha} "
+                                                      "for every pair (simulate_proportion of the released code)",
+            "alpha_clip": [metrics.ALPHA_EPS, 1 - metrics.ALPHA_EPS],
+            "betas": list(betas),
+            "per_beta": {str(bb): {"R_star": float(x), "R_star_normalized": float(y)}
+                         for bb, x, y in zip(betas, np.asarray(ideal.mean), np.asarray(ideal_n.mean))},
+            "R_star": {k: float(v) for k, v in summ.items()},
+            "R_star_normalized": {k: float(v) for k, v in summ_n.items()},
+        },
+        "alignment_gap": float(metrics.alignment_gap(summ["median"], r)),
+        "alignment_gap_normalized": float(metrics.alignment_gap(summ_n["median"], rn)),
+        "difficulty": {
+            "beta": beta,
+            "reference_log_ratio": describe(np.asarray(d.ref_log_ratio)[np.asarray(keep)]),
+            "flip_threshold": describe(np.asarray(d.flip_threshold)[np.asarray(keep)]),
+            "reference_ranking_accuracy": float(np.mean(np.asarray(d.reference_correct)[np.asarray(keep)])),
+        },
+    }
+    if has_reference:
+        fc = metrics.flip_categories(d.reference_correct, d.model_correct, d.dpo_loss, d.margin, keep)
+        summary["flip_categories"] = {
+            name: {"count": int(n), "share": float(sh), "mean_dpo_loss": float(lo), "mean_margin": float(mg)}
+            for name, n, sh, lo, mg in zip(metrics.FLIP_CATEGORIES, np.asarray(fc.counts), np.asarray(fc.shares),
+                                           np.asarray(fc.mean_loss), np.asarray(fc.mean_margin))}
+    columns = {"alpha": alpha, "correct": correct, "correct_normalized": correct_n, "idealized_correct": ideal_correct,
+               "reference_log_ratio": np.asarray(d.ref_log_ratio), "flip_threshold": np.asarray(d.flip_threshold),
+               "dpo_loss": np.asarray(d.dpo_loss), "reference_correct": np.asarray(d.reference_correct),
+               "evaluated": np.asarray(keep)}
+    return summary, columns
+
+
+def _plots(out: pathlib.Path, model_scores, summary: dict, columns: dict) -> None:
+    from jaxpref.evaluation import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].hist(model_scores.sums[:, 0] - model_scores.sums[:, 1], bins=30)
+    ax[0].axvline(0, color="k", lw=0.8)
+    ax[0].set(title=f"log π(y_w) − log π(y_l)   R = {summary['ranking_accuracy']:.3f}", xlabel="summed log-ratio")
+    ax[1].hist(model_scores.means[:, 0] - model_scores.means[:, 1], bins=30)
+    ax[1].axvline(0, color="k", lw=0.8)
+    ax[1].set(title=f"per-token   R̃ = {summary['ranking_accuracy_normalized']:.3f}", xlabel="mean log-ratio")
+    fig.tight_layout()
+    fig.savefig(out / "margins.png", dpi=100)
+    plt.close(fig)
+
+    ideal = summary["idealized"]
+    betas = ideal["betas"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(betas, [ideal["per_beta"][str(b)]["R_star"] for b in betas], "o-", label="R*")
+    ax.plot(betas, [ideal["per_beta"][str(b)]["R_star_normalized"] for b in betas], "s-", label="R̃*")
+    ax.axhline(summary["ranking_accuracy"], color="C0", ls="--", label="R")
+    ax.axhline(summary["ranking_accuracy_normalized"], color="C1", ls=":", label="R̃")
+    ax.set(xscale="log", xlabel="β", ylabel="accuracy", ylim=(0, 1.02), title="idealized ranking accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "idealized.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(columns["flip_threshold"], bins=30)
+    ax.set(xlabel=f"flip threshold τ (β = {summary['difficulty']['beta']})", ylabel="pairs", title="difficulty")
+    fig.tight_layout()
+    fig.savefig(out / "flip_threshold.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    common.setup_logging()
+    from jaxpref import evaluation as ev
+
+    out = pathlib.Path(args.out)
+    try:
+        loaded, tok = ev.load_model_and_tokenizer(args.model, args.tokenizer)
+        data = ev.load_eval_pairs(args.data, tok, format=args.format, split=args.split, limit=args.limit,
+                                  tokenize=common.tokenize_config(args))
+        kw = dict(batch_size=args.batch_size, progress=not args.no_progress)
+        scores = ev.score_pairs(loaded.model, data.pairs, desc="model", **kw)
+        del loaded
+        ref_scores = scores
+        if args.reference:
+            from jaxpref.loading import check_vocab, load_model
+
+            ref = load_model(args.reference)
+            check_vocab(ref.model, tok, args.reference)
+            ref_scores = ev.score_pairs(ref.model, data.pairs, desc="reference", **kw)
+    except common.expected_errors() as err:
+        common.fail(err)
+    summary, cols = compute(scores, ref_scores, data.pairs.votes, data.pairs.tie, has_votes=data.has_votes,
+                            betas=args.betas, beta=args.beta, ties_correct=not args.strict_ties,
+                            include_ties=args.include_ties, fallback_alpha=args.fallback_alpha,
+                            has_reference=args.reference is not None)
+    summary = {"model": args.model, "reference": args.reference or args.model, "data": str(args.data),
+               "rows_rejected": len(data.rejects), **summary}
+    ev.write_json(out / "ranking.json", summary)
+    rows = []
+    for i, rid in enumerate(data.pairs.ids):
+        row = {"id": rid, "row": int(data.pairs.row[i]), "alpha": float(cols["alpha"][i]),
+               "tie": bool(data.pairs.tie[i]),
+               "evaluated": bool(cols["evaluated"][i]),
+               "chosen_logp": float(scores.sums[i, 0]), "rejected_logp": float(scores.sums[i, 1]),
+               "chosen_tokens": int(scores.counts[i, 0]), "rejected_tokens": int(scores.counts[i, 1]),
+               "chosen_logp_mean": float(scores.means[i, 0]), "rejected_logp_mean": float(scores.means[i, 1]),
+               "correct": bool(cols["correct"][i]), "correct_normalized": bool(cols["correct_normalized"][i]),
+               "idealized_correct": {str(b): bool(x) for b, x in zip(summary["idealized"]["betas"],
+                                                                     cols["idealized_correct"][i])},
+               "reference_log_ratio": float(cols["reference_log_ratio"][i]),
+               "flip_threshold": float(cols["flip_threshold"][i])}
+        if args.reference:
+            row.update(ref_chosen_logp=float(ref_scores.sums[i, 0]), ref_rejected_logp=float(ref_scores.sums[i, 1]),
+                       reference_correct=bool(cols["reference_correct"][i]), dpo_loss=float(cols["dpo_loss"][i]))
+        rows.append(row)
+    ev.write_jsonl(out / "per_example.jsonl", rows)
+    _plots(out, scores, summary, cols)
+    print(f"R = {summary['ranking_accuracy']:.4f}  R̃ = {summary['ranking_accuracy_normalized']:.4f}  "
+          f"R* median = {summary['idealized']['R_star']['median']:.4f}  gap = {summary['alignment_gap']:.1f} pts  "
+          f"-> {out / 'ranking.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

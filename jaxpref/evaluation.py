@@ -1,0 +1,449 @@
+"""Library glue for the evaluation scripts (``python -m eval.*``): load, score, generate, judge, write.
+
+Scoring a pair dataset::
+
+    loaded, tok = load_model_and_tokenizer("hf:path/to/model")
+    data = load_eval_pairs("pairs.jsonl", tok, limit=1000)
+    scores = score_pairs(loaded.model, data.pairs, batch_size=16, with_hidden=True)
+    scores.sums[:, 0] - scores.sums[:, 1]          # [N] policy log-ratio, chosen minus rejected
+
+:func:`score_pairs` runs ONE forward per batch of ``[2B, T]`` sequences (chosen and rejected
+flattened), through a function jitted once per (model structure, bucket shape), and returns host
+NumPy arrays in dataset order: summed / mean response log-probs and token counts
+(:mod:`jaxpref.logprobs` conventions: the response includes EOS), and optionally the float32 sums
+of the final hidden states at the positions that predict response tokens (CHES) and the last such
+state (the final response token's state when EOS is appended). Pairs are sorted by length so each
+batch lands in a small bucket; with a mesh the batch is split over its ``batch`` axes (single
+process: outputs are gathered to the host).
+
+Generation (:func:`generate_responses`) renders prompts exactly as the training pipeline does (chat
+template or plain text, via :func:`jaxpref.data.tokenize_sft`), samples with
+:func:`jaxpref.generation.generate` and decodes. Judges (:func:`load_judge`) are Python callables
+``module:function`` (or ``path/file.py:function``) taking ``(prompts, responses_a, responses_b)`` and
+returning ``P(a ≻ b)`` per prompt, or ``rm:RUN_DIR[@STEP]``, a jaxpref reward model
+(:mod:`jaxpref.reward_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpref import logprobs, parallel
+from jaxpref.data import formats as data_formats
+from jaxpref.data.batching import pair_batch
+from jaxpref.data.sources import DataError, load_rows
+from jaxpref.data.tokenize import TokenizeConfig, TokenizedPairs, tokenize_pairs, tokenize_sft
+from jaxpref.data.validation import RejectLog
+from jaxpref.loading import LoadedModel, SpecError, check_vocab, load_model, load_tokenizer
+from jaxpref.training.logging import progress_bar
+from jaxpref.types import PairBatch
+
+log = logging.getLogger(__name__)
+
+Judge = Callable[[Sequence[Any], Sequence[str], Sequence[str]], np.ndarray]
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_model_and_tokenizer(spec: str, tokenizer: str | None = None, *, mesh=None, dtype: str | None = None,
+                             seed: int = 0, overrides: dict | None = None) -> tuple[LoadedModel, Any]:
+    """A model spec (``preset:``, ``hf:DIR``, ``gguf:FILE``, ``run:DIR[@STEP]``, ...) and its tokenizer.
+
+    Args:
+      spec: model spec (see :mod:`jaxpref.loading`).
+      tokenizer: tokenizer spec; default: the one the model spec implies (an HF directory's files, a
+        run's ``model.json``). Presets need one (e.g. ``builtin``).
+      mesh: place parameters on this mesh.
+      dtype: compute dtype override.
+      seed: init seed of ``preset:`` models.
+      overrides: ModelConfig overrides of ``preset:`` models.
+    """
+    loaded = load_model(spec, mesh=mesh, dtype=dtype, seed=seed, overrides=overrides)
+    tok_spec = tokenizer or loaded.tokenizer_spec
+    tok = load_tokenizer(tok_spec)
+    check_vocab(loaded.model, tok, tok_spec)
+    loaded.tokenizer_spec = tok_spec
+    return loaded, tok
+
+
+@dataclasses.dataclass
+class EvalData:
+    """Preference pairs ready to score.
+
+    Attributes:
+      source: where they came from.
+      records: the normalised records that survived tokenisation, aligned with ``pairs``.
+      pairs: the tokenised pairs.
+      rejects: rows rejected while loading or tokenising (with reasons).
+      has_votes: the source gives vote shares α (``pairs.votes``); otherwise ``votes`` is 1.0.
+    """
+
+    source: str
+    records: list
+    pairs: TokenizedPairs
+    rejects: RejectLog
+    has_votes: bool
+
+
+def load_eval_pairs(source: str | os.PathLike, tokenizer, *, format: str | None = None, split: str | None = None,
+                    limit: int | None = None, tokenize: TokenizeConfig | None = None,
+                    fields: dict | None = None) -> EvalData:
+    """Load -> normalise -> (first ``limit`` records) -> tokenise, as training does.
+
+    Args:
+      source: local file or hub id.
+      format: data format or preset (``auto``/None detects; ``pandalm`` / ``llmfao`` give votes).
+      split: hub split.
+      limit: keep the first N normalised records.
+      tokenize: :class:`TokenizeConfig` (default: the training defaults).
+      fields: field-name mapping (see :func:`jaxpref.data.format_config`).
+    """
+    fmt = data_formats.format_config(None if format in (None, "auto") else format, fields=fields)
+    data = data_formats.load_preferences(source, fmt, split=split)
+    if data.config.format == "sft":
+        raise DataError(f"{source}: holds demonstrations (prompt/response), not preference pairs")
+    records = data.records[:limit] if limit else data.records
+    pairs = tokenize_pairs(records, tokenizer, tokenize or TokenizeConfig(), rejects=data.rejects)
+    if len(pairs) == 0:
+        raise DataError(f"{source}: no usable pairs ({data.rejects.summary()})")
+    by_id = {r.id: r for r in records}
+    return EvalData(source=str(source), records=[by_id[i] for i in pairs.ids], pairs=pairs, rejects=data.rejects,
+                    has_votes=any(r.alpha is not None for r in records))
+
+
+def run_checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
+    """Committed checkpoint steps of a jaxpref run directory, ascending (read-only)."""
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(run_dir).expanduser().resolve() / "checkpoints"
+    if not directory.is_dir():
+        raise SpecError(f"run {run_dir}: no checkpoints/ directory")
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        return sorted(int(s) for s in mngr.all_steps())
+    finally:
+        mngr.close()
+
+
+# ------------------------------------------------------------------------------------ batching
+
+
+def _batch_multiple(mesh) -> int:
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+
+
+def iterate_pair_batches(pairs: TokenizedPairs, *, batch_size: int = 8, buckets: Sequence[int] | None = None,
+                         mesh=None, sort_by_length: bool = True) -> Iterator[tuple[np.ndarray, PairBatch]]:
+    """Yields ``(positions, batch)``: the dataset positions of the real rows and a padded :class:`PairBatch`.
+
+    ``batch_size`` is rounded up to a multiple of the mesh's batch devices; short batches are padded
+    with masked rows, so every batch of a bucket has the same shape. With a mesh the batch is placed
+    (sharded over ``batch``).
+    """
+    b = batch_size + (-batch_size) % _batch_multiple(mesh)
+    n = len(pairs)
+    order = np.argsort(pairs.lengths().max(1), kind="stable") if sort_by_length else np.arange(n)
+    for lo in range(0, n, b):
+        idx = order[lo:lo + b]
+        batch = pair_batch(pairs, idx, buckets=buckets, batch_size=b)
+        if mesh is not None:
+            batch = parallel.shard_batch(batch, mesh)
+        yield idx, batch
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+@dataclasses.dataclass
+class PairScores:
+    """Per-pair outputs in dataset order (``[:, 0]`` chosen, ``[:, 1]`` rejected), host NumPy.
+
+    Attributes:
+      sums: ``[N, 2]`` float32 summed response log-probs (EOS included when it is a target).
+      counts: ``[N, 2]`` float32 response token counts.
+      means: ``[N, 2]`` float32 ``sums / counts``.
+      hidden_sums: ``[N, 2, D]`` float32 sums of the final hidden states predicting response tokens
+        (Razin's S), or None.
+      last_hidden: ``[N, 2, D]`` float32 the last such state, or None.
+    """
+
+    sums: np.ndarray
+    counts: np.ndarray
+    means: np.ndarray
+    hidden_sums: np.ndarray | None = None
+    last_hidden: np.ndarray | None = None
+
+
+def _last_predictor(hidden: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """[N, D] float32 state at the position before the last target (predicts the final response token)."""
+    t = loss_mask.shape[1]
+    last_target = (t - 1) - jnp.argmax(loss_mask[:, ::-1] > 0, axis=1)
+    idx = jnp.maximum(last_target - 1, 0)
+    return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "with_hidden", "seq_chunk", "vocab_chunk"))
+def _score_batch(graphdef, params, rest, batch: PairBatch, *, with_hidden: bool, seq_chunk: int, vocab_chunk: int):
+    b, two, t = batch.input_ids.shape
+    flat = lambda x: x.reshape(b * two, t)
+    model = nnx.merge(graphdef, params, rest)
+    ids, mask = flat(batch.input_ids), flat(batch.loss_mask)
+    hidden = model(ids, positions=flat(batch.positions), segment_ids=flat(batch.segment_ids)).hidden
+    matrix, layout = model.unembedding()
+    lp = logprobs.sequence_logprobs(hidden, matrix, ids, mask, layout=layout, seq_chunk=seq_chunk,
+                                    vocab_chunk=vocab_chunk)
+    out = {"sums": lp.sums.reshape(b, two), "counts": lp.counts.reshape(b, two)}
+    if with_hidden:
+        sums, _ = logprobs.masked_hidden_sums(hidden, mask)
+        out["hidden_sums"] = sums.reshape(b, two, -1)
+        out["last_hidden"] = _last_predictor(hidden, mask).reshape(b, two, -1)
+    return out
+
+
+def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: Sequence[int] | None = None,
+                mesh=None, with_hidden: bool = False, seq_chunk: int = 128, vocab_chunk: int = 8192,
+                progress: bool = True, desc: str = "score") -> PairScores:
+    """Scores every pair under ``model`` (module docstring); returns :class:`PairScores` in dataset order.
+
+    Args:
+      model: a jaxpref causal LM (place it on ``mesh`` first when one is given, e.g. ``load_model(mesh=)``).
+      pairs: tokenised pairs.
+      batch_size: pairs per forward (the forward sees ``2 * batch_size`` sequences).
+      buckets: padded lengths (None: powers of two up to the longest sequence).
+      mesh: shard each batch over the mesh's ``batch`` axes.
+      with_hidden: also return the hidden-state sums and last predictor states (CHES).
+      seq_chunk, vocab_chunk: chunking of :func:`jaxpref.logprobs.sequence_logprobs`.
+      progress: show a progress bar.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    n = len(pairs)
+    d = model.config.hidden_size
+    sums, counts = np.zeros((n, 2), np.float32), np.zeros((n, 2), np.float32)
+    hs = np.zeros((n, 2, d), np.float32) if with_hidden else None
+    lh = np.zeros((n, 2, d), np.float32) if with_hidden else None
+    b = batch_size + (-batch_size) % _batch_multiple(mesh)
+    bar = progress_bar(math.ceil(n / b), enabled=progress, desc=desc)
+    try:
+        for idx, batch in iterate_pair_batches(pairs, batch_size=batch_size, buckets=buckets, mesh=mesh):
+            out = jax.device_get(_score_batch(graphdef, params, rest, batch, with_hidden=with_hidden,
+                                              seq_chunk=seq_chunk, vocab_chunk=vocab_chunk))
+            k = len(idx)
+            sums[idx], counts[idx] = out["sums"][:k], out["counts"][:k]
+            if with_hidden:
+                hs[idx], lh[idx] = out["hidden_sums"][:k], out["last_hidden"][:k]
+            bar.update(1)
+    finally:
+        bar.close()
+    return PairScores(sums=sums, counts=counts, means=sums / np.maximum(counts, 1.0), hidden_sums=hs,
+                      last_hidden=lh)
+
+
+# ------------------------------------------------------------------------------------ prompts and generation
+
+
+def load_prompts(source: str | os.PathLike, *, format: str | None = None, split: str | None = None,
+                 limit: int | None = None, prompt_field: str = "prompt") -> tuple[list[str], list[Any]]:
+    """``(ids, prompts)`` from a ``.txt`` file (one prompt per line), rows with a ``prompt`` field, or
+    any preference / SFT dataset the data pipeline reads (its normalised prompts)."""
+    path = pathlib.Path(source)
+    if path.suffix == ".txt" and path.is_file():
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        ids, prompts = [f"line:{i}" for i in range(len(lines))], lines
+    else:
+        rows, _ = load_rows(source, split=split)
+        objs = [(r, v) for r, v in rows if isinstance(v, dict)]
+        if format in (None, "auto") and objs and all(isinstance(v.get(prompt_field), str | list) for _, v in objs):
+            ids = [str(v.get("id", f"row:{r}")) for r, v in objs]
+            prompts = [v[prompt_field] for _, v in objs]
+        else:
+            records, _, _ = data_formats.normalize(rows, None if format in (None, "auto") else format)
+            ids, prompts = [r.id for r in records], [r.prompt for r in records]
+    if limit:
+        ids, prompts = ids[:limit], prompts[:limit]
+    if not prompts:
+        raise DataError(f"{source}: no prompts found")
+    return ids, prompts
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Any], tokenize: TokenizeConfig | None = None
+                   ) -> list[np.ndarray | None]:
+    """Prompt token ids rendered as in training (generation prompt of the chat template, or plain text
+    with BOS), truncated to ``max_length - 1`` from the left; None for prompts the pipeline rejects."""
+    from jaxpref.data.formats import SFTRecord
+
+    cfg = tokenize or TokenizeConfig()
+    records = [SFTRecord(row=i, id=str(i), prompt=p, response=".") for i, p in enumerate(prompts)]
+    out = tokenize_sft(records, tokenizer, dataclasses.replace(cfg, add_eos=False))
+    ids: list[np.ndarray | None] = [None] * len(prompts)
+    for row, p in zip(out.row, out.prompt):
+        ids[int(row)] = p
+    return ids
+
+
+def _bucket(n: int) -> int:
+    return max(16, 1 << max(0, n - 1).bit_length())
+
+
+def generate_responses(model, tokenizer, prompts: Sequence[Any], *, max_new_tokens: int = 64,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                       batch_size: int = 8, tokenize: TokenizeConfig | None = None, progress: bool = True,
+                       desc: str = "generate") -> list[str]:
+    """Samples one response per prompt (row ``i`` uses ``fold_in(key(seed), i)``, independent of batching).
+
+    Prompts are left padded to power-of-two lengths (few compilations); prompts the pipeline rejects
+    get an empty response. Responses are decoded without special tokens (EOS removed).
+    """
+    from jaxpref.generation import SamplingConfig, generate, left_pad
+
+    eos = [t for t in (tokenizer.eos_token_id,) if t is not None]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                         eos_token_ids=tuple(eos), pad_token_id=int(pad))
+    encoded = encode_prompts(tokenizer, prompts, tokenize)
+    live = [i for i, e in enumerate(encoded) if e is not None and len(e) > 0]
+    live.sort(key=lambda i: len(encoded[i]))
+    out = [""] * len(prompts)
+    base = jax.random.key(seed)
+    bar = progress_bar(math.ceil(len(live) / batch_size), enabled=progress, desc=desc)
+    try:
+        for lo in range(0, len(live), batch_size):
+            rows = live[lo:lo + batch_size]
+            seqs = [encoded[i].tolist() for i in rows]
+            seqs += [seqs[0]] * (batch_size - len(seqs))  # static batch size; extra rows discarded
+            ids, mask = left_pad(seqs, pad_id=int(pad), length=_bucket(max(map(len, seqs))))
+            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(
+                jnp.asarray(rows + [rows[0]] * (batch_size - len(rows)), jnp.int32))
+            res = jax.device_get(generate(model, ids, mask, key=keys, config=cfg))
+            for j, i in enumerate(rows):
+                toks = res.completion[j][res.completion_mask[j] > 0].tolist()
+                while toks and toks[-1] in eos:
+                    toks.pop()
+                out[i] = tokenizer.decode(toks, skip_special_tokens=True)
+            bar.update(1)
+    finally:
+        bar.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------ judges
+
+
+def _import_callable(spec: str) -> Callable:
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise SpecError(f"judge {spec!r}: expected module:function, path/file.py:function or rm:RUN_DIR")
+    if target.endswith(".py"):
+        path = pathlib.Path(target).expanduser()
+        if not path.is_file():
+            raise SpecError(f"judge {spec!r}: file {path} not found")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise SpecError(f"judge {spec!r}: cannot import {target!r}: {err}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise SpecError(f"judge {spec!r}: {target!r} has no callable {name!r}")
+    return fn
+
+
+def load_judge(spec: str, **kwargs) -> Judge:
+    """A judge from a spec: ``rm:RUN_DIR[@STEP]`` (a reward model; ``kwargs`` go to it) or a callable.
+
+    Every judge is called as ``judge(prompts, responses_a, responses_b)`` and returns ``[N]`` P(a ≻ b).
+    """
+    if spec.startswith("rm:"):
+        from jaxpref.reward_model import RewardModelJudge
+
+        return RewardModelJudge(spec[3:], **kwargs)
+    fn = _import_callable(spec)
+
+    def judge(prompts, a, b):
+        p = np.asarray(fn(list(prompts), list(a), list(b)), np.float64).reshape(-1)
+        if p.shape[0] != len(prompts):
+            raise ValueError(f"judge {spec!r} returned {p.shape[0]} values for {len(prompts)} prompts")
+        if np.any((p < 0) | (p > 1)):
+            raise ValueError(f"judge {spec!r} returned values outside [0, 1]")
+        return p
+
+    return judge
+
+
+# ------------------------------------------------------------------------------------ output helpers
+
+
+def describe(x: np.ndarray) -> dict[str, float]:
+    """Mean, std, min, quartiles and max of a 1-D array (NaN-free; empty -> all NaN)."""
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return {k: float("nan") for k in ("mean", "std", "min", "q25", "median", "q75", "max")}
+    q = np.quantile(x, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return {"mean": float(x.mean()), "std": float(x.std()), "min": float(q[0]), "q25": float(q[1]),
+            "median": float(q[2]), "q75": float(q[3]), "max": float(q[4])}
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray | jax.Array):
+        return _jsonable(np.asarray(x).tolist())
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating | float):
+        x = float(x)
+        return x if math.isfinite(x) else None  # strict JSON: NaN / inf -> null
+    return x
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> pathlib.Path:
+    """Writes strict JSON (NaN -> null), creating the parent directory."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> pathlib.Path:
+    """One strict-JSON object per line."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(_jsonable(row)) + "\n")
+    return path
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,323 @@
+"""Bradley-Terry reward models: a linear head on a ported backbone, training, and use as a win-rate judge.
+
+The reward of a sequence ``x + y (+ EOS)`` is ``r = ⟨w, h_last⟩ + b`` with ``h_last [D]`` the final hidden
+state (post final norm) at the last non-padding position, ``w`` a learned ``[D]`` vector and ``b`` a
+scalar (TRL's ``AutoModelForSequenceClassification`` with one label, read at the last token). Training
+minimises the Bradley-Terry loss ``−log σ(r_w − r_l)`` (= ``softplus(−(r_w − r_l))``) over preference
+pairs; the logged metrics follow TRL's ``RewardTrainer``: ``loss``, ``accuracy`` (share of pairs with
+``r_w > r_l``), ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``.
+
+Training (``python -m train.reward_model``) reuses the preference pipeline: the same
+:class:`~jaxpref.config.RunConfig` (``loss`` is ignored; the objective is fixed), data loading and
+tokenisation (:func:`jaxpref.training.loop.load_data`), batch iterator, optimizer, train-state,
+Orbax checkpointer and metrics writer, and writes a run directory like ``train.preference`` (with
+``model.json`` marking ``"reward_model": true``). The backbone may be any model spec (``preset:``,
+``hf:``, ``run:`` ...).
+
+As a judge (``rm:RUN_DIR[@STEP]``), :class:`RewardModelJudge` tokenises ``(prompt, a, b)`` with the
+run's tokenisation settings and returns ``P(a ≻ b) = σ(r(a) − r(b))``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxpref import logprobs, models, parallel
+from jaxpref.config import RunConfig, load_config, to_dict
+from jaxpref.data import iterator as data_iterator
+from jaxpref.data.formats import PreferenceRecord
+from jaxpref.data.tokenize import tokenize_pairs
+from jaxpref.loading import (
+    SpecError,
+    check_vocab,
+    load_model,
+    load_tokenizer,
+    model_meta,
+    parse_run_spec,
+    single_device_target,
+)
+from jaxpref.training import checkpoint as ckpt
+from jaxpref.training import loop, optim
+from jaxpref.training import step as steplib
+from jaxpref.training.logging import AsyncMetrics, MetricsWriter, progress_bar
+from jaxpref.types import PairBatch
+
+log = logging.getLogger(__name__)
+
+Array = jax.Array
+
+
+class RewardModel(nnx.Module):
+    """A causal-LM backbone plus a scalar head read at the last non-padding position.
+
+    Attributes:
+      backbone: the jaxpref causal LM (its unembedding is unused).
+      score_d: ``[D]`` head weights (logical axis ``embed``), init ``N(0, 1/D)``.
+      score_bias: ``[]`` head bias, init 0.
+    """
+
+    def __init__(self, backbone, *, seed: int = 0):
+        self.backbone = backbone
+        self.config = backbone.config
+        d = backbone.config.hidden_size
+        w = jax.random.normal(jax.random.key(seed), (d,), jnp.float32) / math.sqrt(d)
+        self.score_d = parallel.logical_param(w, ("embed",))
+        self.score_bias = parallel.logical_param(jnp.zeros((), jnp.float32), ())
+
+    def __call__(self, input_ids: Array, *, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+        """``[N]`` float32 rewards of right-padded ``[N, T]`` sequences (``segment_ids`` 0 = padding)."""
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids)
+        hidden = self.backbone(input_ids, positions=positions, segment_ids=segment_ids).hidden
+        last = logprobs.last_hidden(hidden, segment_ids)  # [N, D] float32
+        return last @ self.score_d[...].astype(jnp.float32) + self.score_bias[...].astype(jnp.float32)
+
+
+def pair_rewards(graphdef, params, rest, batch: PairBatch) -> Array:
+    """``[B, 2]`` rewards of chosen and rejected in one forward of ``[2B, T]``."""
+    b, two, t = batch.input_ids.shape
+    flat = lambda x: x.reshape(b * two, t)
+    model = nnx.merge(graphdef, params, rest)
+    r = model(flat(batch.input_ids), positions=flat(batch.positions), segment_ids=flat(batch.segment_ids))
+    return r.reshape(b, two)
+
+
+def bt_metrics(rewards: Array, mask: Array) -> tuple[Array, dict[str, Array]]:
+    """Masked mean BT loss ``softplus(−(r_w − r_l))`` and TRL-named metrics of ``[B, 2]`` rewards."""
+    keep = mask.astype(jnp.float32)
+    n = jnp.maximum(keep.sum(), 1.0)
+    margin = rewards[:, 0] - rewards[:, 1]
+    mean = lambda x: jnp.sum(x * keep) / n
+    loss = mean(jax.nn.softplus(-margin))
+    return loss, {"accuracy": mean((margin > 0).astype(jnp.float32)), "rewards/chosen": mean(rewards[:, 0]),
+                  "rewards/rejected": mean(rewards[:, 1]), "rewards/margins": mean(margin)}
+
+
+def make_reward_step(graphdef, rest, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
+                     nan_policy: str = "skip") -> Callable:
+    """``step(state, batch) -> (state, metrics)`` minimising the BT loss, with exact accumulation.
+
+    Each micro-batch contributes ``sum(loss) / n_valid(full batch)``, so ``k`` micro-batches give the
+    full batch's loss and gradients.
+    """
+
+    def step(state: steplib.TrainState, batch: PairBatch):
+        n_valid = jnp.maximum(batch.example_mask.sum(), 1).astype(jnp.float32)
+
+        def micro_loss(params, mb: PairBatch):
+            r = pair_rewards(graphdef, params, rest, mb)
+            loss, metrics = bt_metrics(r, mb.example_mask)
+            w = mb.example_mask.sum().astype(jnp.float32) / n_valid  # micro-batch mean -> share of the batch
+            return loss * w, {k: v * w for k, v in metrics.items()}
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        if micro_batches == 1:
+            (loss, metrics), grads = grad_fn(state.params, batch)
+        else:
+            mbs = steplib._split_micro(batch, micro_batches)
+
+            def body(carry, mb):
+                g_acc, l_acc, m_acc = carry
+                (l, m), g = grad_fn(state.params, mb)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, m_acc, m)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+            zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("accuracy", "rewards/chosen", "rewards/rejected",
+                                                                 "rewards/margins")}
+            (grads, loss, metrics), _ = jax.lax.scan(body, (zeros_g, jnp.zeros(()), zeros_m), mbs)
+        new_state, norms = steplib._apply(state, grads, loss, optimizer, nan_policy, {})
+        metrics = {**metrics, **norms, "loss": loss, "tokens": (batch.segment_ids != 0).sum().astype(jnp.float32),
+                   "pairs": batch.example_mask.sum().astype(jnp.float32)}
+        return new_state, metrics
+
+    return step
+
+
+_eval_rewards = jax.jit(pair_rewards, static_argnums=0)
+
+
+def score_reward_pairs(model: RewardModel, pairs, *, batch_size: int = 8, buckets: Sequence[int] | None = None,
+                       mesh=None, progress: bool = False) -> np.ndarray:
+    """``[N, 2]`` float32 rewards of tokenised pairs (dataset order)."""
+    from jaxpref.evaluation import iterate_pair_batches
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    out = np.zeros((len(pairs), 2), np.float32)
+    bar = progress_bar(math.ceil(len(pairs) / batch_size), enabled=progress, desc="rewards")
+    try:
+        for idx, batch in iterate_pair_batches(pairs, batch_size=batch_size, buckets=buckets, mesh=mesh):
+            out[idx] = np.asarray(jax.device_get(_eval_rewards(graphdef, params, rest, batch)))[: len(idx)]
+            bar.update(1)
+    finally:
+        bar.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Trains a BT reward model (module docstring); returns the summary dict (also ``summary.json``)."""
+    parallel.maybe_initialize_distributed()
+    try:
+        mesh = parallel.make_mesh(cfg.mesh)
+    except ValueError as err:
+        raise loop.RunError(f"{err} (jax sees {jax.device_count()} devices)") from None
+    if cfg.train.batch_size % cfg.train.micro_batches:
+        raise loop.RunError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                            f"train.micro_batches={cfg.train.micro_batches}")
+    run_dir = loop.prepare_run_dir(cfg, resume)
+    loaded = load_model(cfg.model.source, overrides=cfg.model.overrides, seed=cfg.train.seed, mesh=mesh,
+                        dtype=cfg.model.compute_dtype, param_dtype=cfg.model.param_dtype)
+    tok_spec = cfg.model.tokenizer or loaded.tokenizer_spec
+    tokenizer = load_tokenizer(tok_spec)
+    check_vocab(loaded.model, tokenizer, tok_spec)
+    loaded.tokenizer_spec = tok_spec
+    if jax.process_index() == 0:
+        meta = {**model_meta(loaded), "reward_model": {"head": "linear_last_token", "loss": "bradley_terry"}}
+        (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+
+    data, data_summary = loop.load_data(cfg, tokenizer, run_dir, "preference")
+    steps = loop.total_steps(cfg, len(data))
+    rm = RewardModel(loaded.model, seed=cfg.train.seed)
+    graphdef, params, rest = steplib.split_model(rm)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
+    state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
+    it = data_iterator.batch_iterator(data, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                      shuffle=cfg.data.shuffle, buckets=tuple(cfg.data.buckets),
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+    checkpointer = ckpt.RunCheckpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
+                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    start = 0
+    if resume and checkpointer.latest_step() is not None:
+        state, meta, start = checkpointer.restore(state)
+        it.set_state(meta["data_iterator"])
+        log.info("resumed %s at step %d", run_dir, start)
+
+    fn = make_reward_step(graphdef, rest, optimizer, micro_batches=cfg.train.micro_batches,
+                          nan_policy=cfg.train.nan_policy)
+    state_sh = parallel.tree_shardings(state)
+    jitted: dict = {}
+
+    def call(state, batch):
+        key = tuple(jax.tree.leaves(jax.tree.map(np.shape, batch)))
+        if key not in jitted:
+            batch_sh = jax.tree.map(lambda x: parallel.batch_sharding(mesh, np.ndim(x)), batch)
+            jitted[key] = steplib.jit_step(fn, state_sh, (batch_sh,))
+        return jitted[key](state, parallel.shard_batch(batch, mesh))
+
+    writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
+                           config=to_dict(cfg), resume_step=start if resume else None)
+    bar = progress_bar(steps, start, cfg.logging.progress, desc="reward model")
+    pending = AsyncMetrics()
+    last: dict[str, Any] = {}
+    t_start = time.perf_counter()
+
+    def record(item):
+        nonlocal last
+        if item is None:
+            return
+        s, host, dt = item
+        host = {**host, "lr": float(schedule(s - 1)), "tokens_per_s": float(host["tokens"]) / max(dt, 1e-9)}
+        if host.get("nonfinite") and cfg.train.nan_policy == "stop":
+            raise loop.RunError(f"non-finite loss or gradient at step {s}; stopping as train.nan_policy=stop")
+        if s % cfg.train.log_every == 0 or s == steps:
+            last = writer.write(s, host)
+        bar.set_postfix(loss=f"{host['loss']:.4f}", acc=f"{host['accuracy']:.3f}")
+
+    try:
+        for s in range(start + 1, steps + 1):
+            batch = next(it)
+            t0 = time.perf_counter()
+            state, metrics = call(state, batch)
+            record(pending.push(s, metrics, t0))
+            bar.update(1)
+            if checkpointer.should_save(s) or s == steps:
+                record(pending.flush())
+                checkpointer.save(s, state, {"data_iterator": it.get_state(), "step": s}, force=(s == steps))
+        record(pending.flush())
+        checkpointer.wait()
+    finally:
+        bar.close()
+        writer.close()
+        checkpointer.close()
+    summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
+               "skipped_updates": int(state.skipped), "seconds": time.perf_counter() - t_start}
+    if cfg.data.eval:
+        summary["eval"] = _evaluate(cfg, nnx.merge(graphdef, state.params, rest), tokenizer, mesh)
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _evaluate(cfg: RunConfig, model: RewardModel, tokenizer, mesh) -> dict[str, float]:
+    """Pairwise accuracy and BT loss on ``data.eval``."""
+    from jaxpref.evaluation import load_eval_pairs
+
+    data = load_eval_pairs(cfg.data.eval, tokenizer, format=cfg.data.format, split=cfg.data.split,
+                           tokenize=loop.tokenize_config(cfg), fields=cfg.data.fields or None)
+    r = score_reward_pairs(model, data.pairs, batch_size=cfg.reference.batch_size, buckets=tuple(cfg.data.buckets),
+                           mesh=mesh)
+    margin = r[:, 0] - r[:, 1]
+    return {"n_pairs": int(len(margin)), "accuracy": float(np.mean(margin > 0)),
+            "loss": float(np.mean(np.logaddexp(0.0, -margin))), "rewards/margins": float(np.mean(margin))}
+
+
+# ------------------------------------------------------------------------------------ loading and judging
+
+
+def load_reward_model(spec: str, *, mesh=None) -> tuple[RewardModel, Any, RunConfig]:
+    """``(model, tokenizer, run config)`` of a reward-model run ``RUN_DIR[@STEP]`` (latest step by default)."""
+    run_dir, step = parse_run_spec(spec)
+    meta_path = run_dir / "model.json"
+    if not meta_path.is_file():
+        raise SpecError(f"reward model {spec!r}: {run_dir} has no model.json (is it a jaxpref run directory?)")
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("reward_model"):
+        raise SpecError(f"reward model {spec!r}: {run_dir} is not a reward-model run (train it with "
+                        "python -m train.reward_model)")
+    config = models.ModelConfig.from_hf_config(meta["hf_config"])
+    rm = RewardModel(models.abstract_model(config) if mesh is None else models.build_model(config, rngs=0))
+    graphdef, params, rest = nnx.split(rm, nnx.Param, ...)
+    params = single_device_target(params) if mesh is None else parallel.place_params(params, mesh)
+    params, _ = ckpt.restore_params(run_dir / "checkpoints", params, step)
+    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    return nnx.merge(graphdef, params, rest), load_tokenizer(meta.get("tokenizer")), cfg
+
+
+class RewardModelJudge:
+    """``judge(prompts, a, b) -> [N] σ(r(a) − r(b))`` from a reward-model run (``rm:RUN_DIR[@STEP]``).
+
+    Pairs the tokeniser rejects (e.g. ``a == b`` after truncation) get 0.5.
+    """
+
+    def __init__(self, spec: str, *, batch_size: int = 8, mesh=None):
+        self.model, self.tokenizer, self.cfg = load_reward_model(spec, mesh=mesh)
+        self.batch_size, self.mesh = batch_size, mesh
+
+    def rewards(self, prompts: Sequence[Any], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+        """``[N, 2]`` rewards of ``(prompt, a)`` and ``(prompt, b)``; NaN for rejected pairs."""
+        records = [PreferenceRecord(row=i, id=str(i), prompt=p, chosen=x, rejected=y)
+                   for i, (p, x, y) in enumerate(zip(prompts, a, b, strict=True))]
+        pairs = tokenize_pairs(records, self.tokenizer, loop.tokenize_config(self.cfg))
+        out = np.full((len(records), 2), np.nan, np.float32)
+        if len(pairs):
+            r = score_reward_pairs(self.model, pairs, batch_size=self.batch_size, mesh=self.mesh)
+            out[pairs.row] = r
+        return out
+
+    def __call__(self, prompts: Sequence[Any], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+        r = self.rewards(prompts, a, b)
+        p = 1.0 / (1.0 + np.exp(-(r[:, 0].astype(np.float64) - r[:, 1])))
+        return np.where(np.isnan(p), 0.5, p)
