@@ -276,17 +276,19 @@ def load_config(schema: type, path: str | pathlib.Path | None = None, overrides:
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(layer))
         except OmegaConfBaseException as err:
-            raise ConfigError(f"{source}: {_first_lines(err)}") from None
+            raise ConfigError(f"{source}: {_merge_error(cfg, layer, err)}") from None
         _unfreeze(cfg)
+        _check_choices(cfg, where=f"{source}: ")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
         try:
             cfg = _apply_override(cfg, key.strip(), yaml.safe_load(raw))
-        except (OmegaConfBaseException, yaml.YAMLError) as err:
+        except (OmegaConfBaseException, yaml.YAMLError, ConfigError) as err:
             raise ConfigError(f"override {item!r}: {_first_lines(err)}") from None
         _unfreeze(cfg)
+        _check_choices(cfg, where=f"override {item!r}: ")
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
@@ -304,15 +306,41 @@ def _apply_override(cfg, key: str, value):
         for part in reversed(parts):
             nested = {part: nested}
         return OmegaConf.merge(cfg, OmegaConf.create(nested))
+    node = cfg
+    for i, part in enumerate(parts[:-1]):  # a clear message for list indices past the end
+        node = node[int(part)] if isinstance(node, ListConfig) and part.isdigit() else node.get(part)
+        nxt = parts[i + 1]
+        if isinstance(node, ListConfig) and nxt.isdigit() and int(nxt) >= len(node):
+            raise ConfigError(f"index {nxt} is out of range ({'.'.join(parts[:i + 1])} has {len(node)} entries)")
+        if not isinstance(node, DictConfig | ListConfig):
+            break
     OmegaConf.update(cfg, key, value, merge=False)
     return cfg
+
+
+def _merge_error(cfg, layer: dict, err: Exception) -> str:
+    """The merge error, located in a list of typed entries when OmegaConf loses the path (``loss.0``)."""
+    for key, value in layer.items():
+        node = cfg._get_node(key) if isinstance(cfg, DictConfig) and key in cfg else None
+        element = getattr(getattr(node, "_metadata", None), "element_type", None)
+        if not (isinstance(node, ListConfig) and isinstance(value, list) and dataclasses.is_dataclass(element)):
+            continue
+        for i, item in enumerate(value):
+            entry = OmegaConf.structured(element)
+            _unfreeze(entry)
+            try:
+                OmegaConf.merge(entry, item)
+            except OmegaConfBaseException as item_err:
+                return f"{key}.{i}: {_first_lines(item_err)}"
+    return _first_lines(err)
 
 
 def _first_lines(err: Exception) -> str:
     return " ".join(line.strip() for line in str(err).splitlines()[:2])
 
 
-def _check_choices(obj) -> None:
+def _check_choices(obj, where: str = "") -> None:
+    """Checks the enumerated fields of a config (instance or OmegaConf node); ``where`` prefixes errors."""
     for dotted, allowed in _CHOICES.items():
         node = obj
         for part in dotted.split("."):
@@ -320,7 +348,7 @@ def _check_choices(obj) -> None:
             if node is None:
                 break
         if node is not None and node not in allowed:
-            raise ConfigError(f"{dotted}={node!r}: expected one of {list(allowed)}")
+            raise ConfigError(f"{where}{dotted}={node!r}: expected one of {list(allowed)}")
 
 
 def to_dict(obj) -> dict:

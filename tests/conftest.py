@@ -45,3 +45,13 @@ def _hf_home(tmp_path_factory):
     os.environ.setdefault("HF_HOME", str(home))
     os.environ.setdefault("HF_DATASETS_CACHE", str(home / "datasets"))
     yield
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for training subprocesses: one CPU device (cheaper compiles than eight) and a
+    persistent compilation cache shared by the session, so identical tiny runs compile only once."""
+    cache = tmp_path_factory.mktemp("jax_compilation_cache")
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

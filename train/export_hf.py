@@ -1,0 +1,39 @@
+"""Export a run's policy as a Hugging Face checkpoint directory (safetensors + config + tokenizer).
+
+    python -m train.export_hf --run runs/hh_dpo[@STEP] --out exports/hh_dpo [--dtype bfloat16]
+
+The result loads with ``transformers.AutoModelForCausalLM.from_pretrained(out)`` and
+``AutoTokenizer.from_pretrained(out)``, and as ``hf:OUT`` in jaxpref. A run whose tokenizer is
+``hf:DIR`` gets that directory's tokenizer files copied; any other tokenizer is saved with
+``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from jaxpref.cli import fail
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Export a jaxpref run checkpoint as a Hugging Face directory.")
+    p.add_argument("--run", required=True, help="run directory, optionally @STEP (default: latest checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (created)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="export dtype (default: the run's param_dtype)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from jaxpref.loading import SpecError, export_hf
+    from jaxpref.training.checkpoint import CheckpointError
+
+    try:
+        info = export_hf(args.run, args.out, dtype=args.dtype)
+    except (SpecError, CheckpointError, OSError) as err:
+        fail(err)
+    print(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()
