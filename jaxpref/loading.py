@@ -164,6 +164,33 @@ def load_tokenizer(spec: str | None):
     raise SpecError(f"tokenizer spec {spec!r}: expected builtin[:VOCAB], hf:DIR, gguf:FILE or run:DIR")
 
 
+def peek_vocab_size(spec: str, overrides: dict | None = None) -> int | None:
+    """The model's vocabulary size without building it (None where that needs the weights)."""
+    try:
+        kind, rest = _split(spec)
+    except SpecError:
+        return None
+    if kind == "preset":
+        try:
+            return models.get_preset(rest, **(overrides or {})).vocab_size
+        except (KeyError, TypeError, ValueError):
+            return None
+    path = {"hf": lambda: pathlib.Path(rest).expanduser() / "config.json",
+            "run": lambda: parse_run_spec(rest)[0] / "model.json"}.get(kind)
+    if path is None or not path().is_file():
+        return None
+    data = json.loads(path().read_text())
+    return (data.get("hf_config", data)).get("vocab_size")
+
+
+def check_vocab_before_build(spec: str, overrides: dict | None, tokenizer, tokenizer_spec: str) -> None:
+    """:func:`check_vocab` from the config alone, so a mismatch fails before any compilation."""
+    n_model = peek_vocab_size(spec, overrides)
+    if n_model is not None and len(tokenizer) > n_model:
+        raise SpecError(f"tokenizer of {tokenizer_spec!r} has {len(tokenizer)} tokens but the model's vocab_size is "
+                        f"{n_model}: ids would index past the embedding table (pick a matching tokenizer or model)")
+
+
 def check_vocab(model, tokenizer, spec: str) -> None:
     """Errors before any compilation when token ids could exceed the embedding table."""
     n_model = model.config.vocab_size

@@ -134,6 +134,7 @@ def test_impossible_mesh_and_vocab_mismatch_fail_before_training(tmp_path, hh):
                                                 "model.overrides={vocab_size: 64}"])
     with pytest.raises(loading.SpecError, match="vocab_size is 64"):
         run_training(small_vocab)
+    assert not (tmp_path / "v").exists()  # failed before creating the run (or compiling anything)
 
 
 def test_checkpoint_from_a_different_model_is_rejected(tmp_path, hh, uninterrupted):
@@ -153,6 +154,9 @@ def test_nan_guard_skip_and_stop(tmp_path, hh):
                                                          *COMMON, *boom]))
     rows = _metrics(tmp_path / "skip")
     assert summary["skipped_updates"] >= 1 and sum(r["nonfinite"] for r in rows) == summary["skipped_updates"]
-    with pytest.raises(RunError, match=r"non-finite loss or gradient at step \d+ \(batch rows"):
+    with pytest.raises(RunError, match=r"non-finite loss or gradient at step \d+ \(batch rows") as err:
         run_training(load_config(RunConfig, None, [f"run_dir={tmp_path / 'stop'}", f"data.train={hh}", *COMMON,
                                                    *boom, "train.nan_policy=stop"]))
+    step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    report = json.loads((tmp_path / "stop" / f"nonfinite_step{step}.json").read_text())
+    assert len(report["source_rows"]) == 8 and report["step"] == step

@@ -34,7 +34,14 @@ from jaxpref.config import RunConfig, save_config, to_dict
 from jaxpref.data import formats as data_formats
 from jaxpref.data import iterator as data_iterator
 from jaxpref.data import tokenize as data_tokenize
-from jaxpref.loading import LoadedModel, check_vocab, load_model, load_tokenizer, model_meta
+from jaxpref.loading import (
+    LoadedModel,
+    check_vocab,
+    check_vocab_before_build,
+    load_model,
+    load_tokenizer,
+    model_meta,
+)
 from jaxpref.training import checkpoint as ckpt
 from jaxpref.training import optim, reference
 from jaxpref.training import step as steplib
@@ -137,6 +144,9 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     comp = _composition(cfg) if kind == "preference" else None
     if comp is not None:
         _check_reference(cfg, comp)
+    if cfg.model.tokenizer:  # fail on a vocabulary mismatch before building (compiling) anything
+        check_vocab_before_build(cfg.model.source, cfg.model.overrides, load_tokenizer(cfg.model.tokenizer),
+                                 cfg.model.tokenizer)
     run_dir = prepare_run_dir(cfg, resume)
 
     loaded: LoadedModel = load_model(cfg.model.source, overrides=cfg.model.overrides, seed=cfg.train.seed, mesh=mesh,
@@ -145,8 +155,9 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     tokenizer = load_tokenizer(tok_spec)
     check_vocab(loaded.model, tokenizer, tok_spec)
     loaded.tokenizer_spec = tok_spec
+    model_json = model_meta(loaded)
     if jax.process_index() == 0:
-        (run_dir / "model.json").write_text(json.dumps(model_meta(loaded), indent=2))
+        (run_dir / "model.json").write_text(json.dumps(model_json, indent=2))
 
     data, data_summary = load_data(cfg, tokenizer, run_dir, kind)
     steps = total_steps(cfg, len(data))
@@ -217,7 +228,12 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         tokens_total += float(host["tokens"])
         host = {**host, "lr": float(schedule(s - 1)), "tokens_per_s": float(host["tokens"]) / max(dt, 1e-9)}
         if host.get("nonfinite") and cfg.train.nan_policy == "stop":
-            raise RunError(f"non-finite loss or gradient at step {s} (batch rows {host.get('_rows')}); "
+            rows = [int(r) for r in np.asarray(host.get("_rows", [])) if r >= 0]
+            report = run_dir / f"nonfinite_step{s}.json"
+            if jax.process_index() == 0:
+                report.write_text(json.dumps({"step": s, "source_rows": rows, "metrics": {
+                    k: float(np.asarray(v)) for k, v in host.items() if k != "_rows"}}, indent=1))
+            raise RunError(f"non-finite loss or gradient at step {s} (batch rows {rows}, saved to {report}); "
                            f"stopping as train.nan_policy=stop; last good checkpoint: {checkpointer.latest_step()}")
         host.pop("_rows", None)
         if s % cfg.train.log_every == 0 or s == steps:
@@ -244,7 +260,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
                                                                                   cfg.reference.sync_alpha)
             if checkpointer.should_save(s) or s == steps:
                 record(pending.flush())
-                checkpointer.save(s, state, {"data_iterator": it.get_state(), "step": s}, force=(s == steps))
+                meta = {"data_iterator": it.get_state(), "step": s, "config": to_dict(cfg), "model": model_json}
+                checkpointer.save(s, state, meta, force=(s == steps))
                 if s == kill_after_save:
                     os.kill(os.getpid(), signal.SIGKILL)
         record(pending.flush())
