@@ -183,6 +183,41 @@ def peek_vocab_size(spec: str, overrides: dict | None = None) -> int | None:
     return (data.get("hf_config", data)).get("vocab_size")
 
 
+_ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head")
+
+
+def peek_hf_config(spec: str, overrides: dict | None = None) -> dict | None:
+    """The HF-style config of a model spec without building it (None where that needs the weights)."""
+    try:
+        kind, rest = _split(spec)
+    except SpecError:
+        return None
+    if kind == "preset":
+        try:
+            return models.get_preset(rest, **(overrides or {})).to_hf_config()
+        except (KeyError, TypeError, ValueError):
+            return None
+    path = {"hf": lambda: pathlib.Path(rest).expanduser() / "config.json",
+            "run": lambda: parse_run_spec(rest)[0] / "model.json"}.get(kind)
+    if path is None or not path().is_file():
+        return None
+    data = json.loads(path().read_text())
+    return data.get("hf_config", data)
+
+
+def check_same_architecture(saved: dict, spec: str, overrides: dict | None, where: str) -> None:
+    """Raises SpecError when ``spec`` describes a different architecture than ``saved`` (model.json)."""
+    new = peek_hf_config(spec, overrides)
+    if new is None:
+        return
+    old = saved.get("hf_config", saved)
+    diff = {k: (old.get(k), new.get(k)) for k in _ARCH_KEYS if k in old and k in new and old[k] != new[k]}
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise SpecError(f"{where}: the checkpoint does not match the configured model ({details})")
+
+
 def check_vocab_before_build(spec: str, overrides: dict | None, tokenizer, tokenizer_spec: str) -> None:
     """:func:`check_vocab` from the config alone, so a mismatch fails before any compilation."""
     n_model = peek_vocab_size(spec, overrides)

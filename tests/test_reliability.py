@@ -144,6 +144,12 @@ def test_checkpoint_from_a_different_model_is_rejected(tmp_path, hh, uninterrupt
     shutil.copytree(uninterrupted, run)
     cfg = load_config(RunConfig, None, [f"run_dir={run}", f"data.train={hh}", *COMMON, "train.steps=9",
                                         "model.overrides={vocab_size: 512, hidden_size: 48, head_dim: 12}"])
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(loading.SpecError, match=r"does not match the configured model \(hidden_size: checkpoint 32"):
+        run_training(cfg, resume=True)
+    assert (run / "config.yaml").read_text() == before  # failed before touching the run (or compiling)
+    # A checkpoint whose shapes differ even though model.json was lost is still caught, by Orbax's restore.
+    (run / "model.json").unlink()
     with pytest.raises(ckpt.CheckpointError, match="does not match"):
         run_training(cfg, resume=True)
 

@@ -36,6 +36,7 @@ from jaxpref.data import iterator as data_iterator
 from jaxpref.data import tokenize as data_tokenize
 from jaxpref.loading import (
     LoadedModel,
+    check_same_architecture,
     check_vocab,
     check_vocab_before_build,
     load_model,
@@ -147,6 +148,10 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     if cfg.model.tokenizer:  # fail on a vocabulary mismatch before building (compiling) anything
         check_vocab_before_build(cfg.model.source, cfg.model.overrides, load_tokenizer(cfg.model.tokenizer),
                                  cfg.model.tokenizer)
+    saved_model = pathlib.Path(cfg.run_dir).expanduser() / "model.json"
+    if resume and saved_model.is_file():  # a different model fails before anything is built
+        check_same_architecture(json.loads(saved_model.read_text()), cfg.model.source, cfg.model.overrides,
+                                f"resume of {saved_model.parent}")
     run_dir = prepare_run_dir(cfg, resume)
 
     loaded: LoadedModel = load_model(cfg.model.source, overrides=cfg.model.overrides, seed=cfg.train.seed, mesh=mesh,
