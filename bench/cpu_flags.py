@@ -2,7 +2,7 @@
 
     python bench/cpu_flags.py                                  # all variants, 5 timed steps each (a few minutes)
     python bench/cpu_flags.py --variants baseline,thunk_off,torch_eager --steps 10
-    python bench/cpu_flags.py --rounds 3                       # repeated, order rotated (for a loaded machine)
+    python bench/cpu_flags.py --rounds 3 --profile             # repeated, order rotated; + op-time breakdown
 
 Workload (env-notes §7 scale): the jaxpref Llama model with 4 layers, D 256 (4 heads, MLP
 704), vocab 1024, untied, batch 8 x 128 tokens, float32; one step = forward + mean token
@@ -50,7 +50,29 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "async_dispatch_off": ("", {"jax_cpu_enable_async_dispatch": False}),
     "torch_eager": ("", {}),
     "torch_eager_1thread": ("", {"torch_threads": 1}),
+    "profile": ("--xla_cpu_enable_xprof_traceme=true", {}),  # baseline + per-op time by HLO kind (--profile)
 }
+
+
+def op_profile(run, ids, steps: int = 3) -> dict[str, float]:
+    """ms/step per XLA op kind (``ynn_fusion``, ``copy_bitcast_fusion``, ...) from a perfetto trace."""
+    import collections
+    import gzip
+    import re
+
+    import jax
+
+    out = tempfile.mkdtemp()
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+        for _ in range(steps):
+            run(ids)
+    trace = json.load(gzip.open(next(pathlib.Path(out).rglob("*.trace.json.gz"))))
+    kinds: collections.Counter = collections.Counter()
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and not name.startswith("$") and "Execute" not in name and "Pjit" not in name:
+            kinds[re.sub(r"\.\d+$", "", name)] += e.get("dur", 0) / 1e3 / steps
+    return {k: round(v, 2) for k, v in kinds.most_common(20)}
 
 
 def batch_ids(batch: int, seq: int, vocab: int) -> np.ndarray:
@@ -127,7 +149,7 @@ def worker(args) -> None:
     first_loss = run(ids)
     first = time.perf_counter() - t0
     stats = _common.timeit(lambda: run(ids), warmup=args.warmup, repeats=args.steps)
-    extra = {}
+    extra = {"op_ms_per_step": op_profile(run, ids)} if args.worker == "profile" else {}
     if args.worker.startswith("torch"):
         import torch
 
@@ -138,7 +160,9 @@ def worker(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "profile"),
+                   help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--profile", action="store_true", help="add the baseline's op-time breakdown (perfetto trace)")
     p.add_argument("--size", default="4x256", help="LAYERSxHIDDEN")
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
@@ -153,6 +177,8 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.profile:
+        args.variants += ",profile"
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; available: {list(VARIANTS)}")
@@ -195,7 +221,7 @@ def main() -> None:
         results[name] = {"xla_flags": flags, "config": updates, "step": step,
                          "round_medians_s": [r["step"]["median_s"] for r in ok], "first_loss": ok[0]["first_loss"],
                          "xla_messages": ok[0]["xla_messages"], "load_avg_after": [r["load_avg_after"] for r in ok],
-                         **{k: ok[0][k] for k in ("torch_threads",) if k in ok[0]}}
+                         **{k: ok[0][k] for k in ("torch_threads", "op_ms_per_step") if k in ok[0]}}
     base = results.get("baseline", {}).get("round_medians_s")
     for name, r in results.items():
         if base and "step" in r and len(r["round_medians_s"]) == len(base):
