@@ -33,3 +33,23 @@ def parse_run_config(argv, description: str, schema=RunConfig):
 def fail(err: Exception) -> None:
     """Prints one clear error line and exits non-zero (no traceback for expected errors)."""
     sys.exit(f"error: {err}")
+
+
+def train_main(argv, description: str, train_fn) -> None:
+    """The body of every ``train.*`` script: parse, run ``train_fn(cfg, resume=...)``, print final metrics.
+
+    Expected errors (bad config, data, model spec, checkpoint) print one line and exit non-zero.
+    """
+    import json
+
+    cfg, args = parse_run_config(argv, description)
+    from jaxpref.data.sources import DataError
+    from jaxpref.loading import SpecError
+    from jaxpref.training.checkpoint import CheckpointError
+    from jaxpref.training.loop import RunError
+
+    try:
+        summary = train_fn(cfg, resume=args.resume)
+    except (RunError, SpecError, DataError, CheckpointError, ConfigError) as err:
+        fail(err)
+    print(json.dumps(summary["final_metrics"], indent=1))

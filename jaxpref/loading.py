@@ -164,25 +164,6 @@ def load_tokenizer(spec: str | None):
     raise SpecError(f"tokenizer spec {spec!r}: expected builtin[:VOCAB], hf:DIR, gguf:FILE or run:DIR")
 
 
-def peek_vocab_size(spec: str, overrides: dict | None = None) -> int | None:
-    """The model's vocabulary size without building it (None where that needs the weights)."""
-    try:
-        kind, rest = _split(spec)
-    except SpecError:
-        return None
-    if kind == "preset":
-        try:
-            return models.get_preset(rest, **(overrides or {})).vocab_size
-        except (KeyError, TypeError, ValueError):
-            return None
-    path = {"hf": lambda: pathlib.Path(rest).expanduser() / "config.json",
-            "run": lambda: parse_run_spec(rest)[0] / "model.json"}.get(kind)
-    if path is None or not path().is_file():
-        return None
-    data = json.loads(path().read_text())
-    return (data.get("hf_config", data)).get("vocab_size")
-
-
 _ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head")
 
@@ -220,19 +201,21 @@ def check_same_architecture(saved: dict, spec: str, overrides: dict | None, wher
 
 def check_vocab_before_build(spec: str, overrides: dict | None, tokenizer, tokenizer_spec: str) -> None:
     """:func:`check_vocab` from the config alone, so a mismatch fails before any compilation."""
-    n_model = peek_vocab_size(spec, overrides)
-    if n_model is not None and len(tokenizer) > n_model:
-        raise SpecError(f"tokenizer of {tokenizer_spec!r} has {len(tokenizer)} tokens but the model's vocab_size is "
-                        f"{n_model}: ids would index past the embedding table (pick a matching tokenizer or model)")
+    config = peek_hf_config(spec, overrides)
+    if config is not None and config.get("vocab_size") is not None:
+        _check_vocab_size(config["vocab_size"], tokenizer, tokenizer_spec)
 
 
-def check_vocab(model, tokenizer, spec: str) -> None:
-    """Errors before any compilation when token ids could exceed the embedding table."""
-    n_model = model.config.vocab_size
+def _check_vocab_size(n_model: int, tokenizer, spec: str) -> None:
     n_tok = len(tokenizer)
     if n_tok > n_model:
         raise SpecError(f"tokenizer of {spec!r} has {n_tok} tokens but the model's vocab_size is {n_model}: "
                         "ids would index past the embedding table (pick a matching tokenizer or model)")
+
+
+def check_vocab(model, tokenizer, spec: str) -> None:
+    """Errors before any compilation when token ids could exceed the embedding table."""
+    _check_vocab_size(model.config.vocab_size, tokenizer, spec)
 
 
 def model_meta(loaded: LoadedModel) -> dict:

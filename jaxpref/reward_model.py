@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +34,6 @@ from flax import nnx
 
 from jaxpref import logprobs, models, parallel
 from jaxpref.config import RunConfig, load_config, to_dict
-from jaxpref.data import iterator as data_iterator
 from jaxpref.data.formats import PreferenceRecord
 from jaxpref.data.tokenize import tokenize_pairs
 from jaxpref.loading import (
@@ -50,7 +48,7 @@ from jaxpref.loading import (
 from jaxpref.training import checkpoint as ckpt
 from jaxpref.training import loop, optim
 from jaxpref.training import step as steplib
-from jaxpref.training.logging import AsyncMetrics, MetricsWriter, progress_bar
+from jaxpref.training.logging import progress_bar
 from jaxpref.types import PairBatch
 
 log = logging.getLogger(__name__)
@@ -194,66 +192,24 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
     graphdef, params, rest = steplib.split_model(rm)
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
     state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
-    it = data_iterator.batch_iterator(data, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                      shuffle=cfg.data.shuffle, buckets=tuple(cfg.data.buckets),
-                                      process_index=jax.process_index(), process_count=jax.process_count())
-    checkpointer = ckpt.RunCheckpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
-                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    start = 0
-    if resume and checkpointer.latest_step() is not None:
-        state, meta, start = checkpointer.restore(state)
-        it.set_state(meta["data_iterator"])
-        log.info("resumed %s at step %d", run_dir, start)
+    it = loop.open_iterator(cfg, data)
+    checkpointer, state, start = loop.open_checkpoints(cfg, run_dir, state, it, resume)
 
     fn = make_reward_step(graphdef, rest, optimizer, micro_batches=cfg.train.micro_batches,
                           nan_policy=cfg.train.nan_policy)
     state_sh = parallel.tree_shardings(state)
-    jitted: dict = {}
+    jitted = loop.per_shape(lambda batch: steplib.jit_step(
+        fn, state_sh, (jax.tree.map(lambda x: parallel.batch_sharding(mesh, np.ndim(x)), batch),)))
 
     def call(state, batch):
-        key = tuple(jax.tree.leaves(jax.tree.map(np.shape, batch)))
-        if key not in jitted:
-            batch_sh = jax.tree.map(lambda x: parallel.batch_sharding(mesh, np.ndim(x)), batch)
-            jitted[key] = steplib.jit_step(fn, state_sh, (batch_sh,))
-        return jitted[key](state, parallel.shard_batch(batch, mesh))
+        return jitted(batch)(state, parallel.shard_batch(batch, mesh))
 
-    writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
-                           config=to_dict(cfg), resume_step=start if resume else None)
-    bar = progress_bar(steps, start, cfg.logging.progress, desc="reward model")
-    pending = AsyncMetrics()
-    last: dict[str, Any] = {}
-    t_start = time.perf_counter()
-
-    def record(item):
-        nonlocal last
-        if item is None:
-            return
-        s, host, dt = item
-        host = {**host, "lr": float(schedule(s - 1)), "tokens_per_s": float(host["tokens"]) / max(dt, 1e-9)}
-        if host.get("nonfinite") and cfg.train.nan_policy == "stop":
-            raise loop.RunError(f"non-finite loss or gradient at step {s}; stopping as train.nan_policy=stop")
-        if s % cfg.train.log_every == 0 or s == steps:
-            last = writer.write(s, host)
-        bar.set_postfix(loss=f"{host['loss']:.4f}", acc=f"{host['accuracy']:.3f}")
-
-    try:
-        for s in range(start + 1, steps + 1):
-            batch = next(it)
-            t0 = time.perf_counter()
-            state, metrics = call(state, batch)
-            record(pending.push(s, metrics, t0))
-            bar.update(1)
-            if checkpointer.should_save(s) or s == steps:
-                record(pending.flush())
-                checkpointer.save(s, state, {"data_iterator": it.get_state(), "step": s}, force=(s == steps))
-        record(pending.flush())
-        checkpointer.wait()
-    finally:
-        bar.close()
-        writer.close()
-        checkpointer.close()
+    result = loop.run_steps(cfg, run_dir, state=state, it=it, checkpointer=checkpointer, call=call, steps=steps,
+                            start=start, resume=resume, schedule=schedule, ckpt_meta={"config": to_dict(cfg)},
+                            desc="reward model", postfix=("loss", "accuracy"))
+    state, last = result.state, result.last
     summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
-               "skipped_updates": int(state.skipped), "seconds": time.perf_counter() - t_start}
+               "skipped_updates": int(state.skipped), "seconds": result.seconds}
     if cfg.data.eval:
         summary["eval"] = _evaluate(cfg, nnx.merge(graphdef, state.params, rest), tokenizer, mesh)
     if jax.process_index() == 0:

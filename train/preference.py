@@ -1,28 +1,20 @@
 """Preference training with any registered loss composition.
 
-    python -m train.preference --config configs/demo/dpo.yaml [--resume] [key=value ...]
+    python -m train.preference --config configs/hh_dpo.yaml [--resume] [key=value ...]
 """
 
 from __future__ import annotations
 
-import json
+import functools
 
-from jaxpref.cli import fail, parse_run_config
-from jaxpref.config import ConfigError
+from jaxpref.cli import train_main
 
 
 def main(argv=None) -> None:
-    cfg, args = parse_run_config(argv, "Train a policy on preference pairs (DPO family, ORPO, RPO, TYPO, ...).")
-    from jaxpref.data.sources import DataError
-    from jaxpref.loading import SpecError
-    from jaxpref.training.checkpoint import CheckpointError
-    from jaxpref.training.loop import RunError, run_training
+    from jaxpref.training.loop import run_training
 
-    try:
-        summary = run_training(cfg, kind="preference", resume=args.resume)
-    except (RunError, SpecError, DataError, CheckpointError, ConfigError) as err:
-        fail(err)
-    print(json.dumps(summary["final_metrics"], indent=1))
+    train_main(argv, "Train a policy on preference pairs (DPO family, ORPO, RPO, TYPO, ...).",
+               functools.partial(run_training, kind="preference"))
 
 
 if __name__ == "__main__":

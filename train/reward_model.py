@@ -8,25 +8,14 @@ The ``loss`` section of the config is ignored (the objective is fixed: −log σ
 
 from __future__ import annotations
 
-import json
-
-from jaxpref.cli import fail, parse_run_config
-from jaxpref.config import ConfigError
+from jaxpref.cli import train_main
 
 
 def main(argv=None) -> None:
-    cfg, args = parse_run_config(argv, "Train a Bradley-Terry reward model on preference pairs.")
-    from jaxpref.data.sources import DataError
-    from jaxpref.loading import SpecError
     from jaxpref.reward_model import run_reward_training
-    from jaxpref.training.checkpoint import CheckpointError
-    from jaxpref.training.loop import RunError
 
-    try:
-        summary = run_reward_training(cfg, resume=args.resume)
-    except (RunError, SpecError, DataError, CheckpointError, ConfigError) as err:
-        fail(err)
-    print(json.dumps(summary["final_metrics"], indent=1))
+    train_main(argv, "Train a Bradley-Terry reward model on preference pairs.",
+               run_reward_training)
 
 
 if __name__ == "__main__":

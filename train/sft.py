@@ -1,28 +1,20 @@
 """Supervised fine-tuning on demonstrations (or the chosen side of preference pairs).
 
-    python -m train.sft --config configs/demo/sft.yaml [--resume] [key=value ...]
+    python -m train.sft --config configs/hh_sft.yaml [--resume] [key=value ...]
 """
 
 from __future__ import annotations
 
-import json
+import functools
 
-from jaxpref.cli import fail, parse_run_config
-from jaxpref.config import ConfigError
+from jaxpref.cli import train_main
 
 
 def main(argv=None) -> None:
-    cfg, args = parse_run_config(argv, "Supervised fine-tuning (token-mean NLL of responses).")
-    from jaxpref.data.sources import DataError
-    from jaxpref.loading import SpecError
-    from jaxpref.training.checkpoint import CheckpointError
-    from jaxpref.training.loop import RunError, run_training
+    from jaxpref.training.loop import run_training
 
-    try:
-        summary = run_training(cfg, kind="sft", resume=args.resume)
-    except (RunError, SpecError, DataError, CheckpointError, ConfigError) as err:
-        fail(err)
-    print(json.dumps(summary["final_metrics"], indent=1))
+    train_main(argv, "Supervised fine-tuning (token-mean NLL of responses).",
+               functools.partial(run_training, kind="sft"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import os
 import pathlib
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -139,7 +140,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         mesh = parallel.make_mesh(cfg.mesh)
     except ValueError as err:
         raise RunError(f"{err} (jax sees {jax.device_count()} devices)") from None
-    if cfg.train.batch_size % (cfg.train.micro_batches * 1):
+    if cfg.train.batch_size % cfg.train.micro_batches:
         raise RunError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                        f"train.micro_batches={cfg.train.micro_batches}")
     comp = _composition(cfg) if kind == "preference" else None
@@ -172,18 +173,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     ref_params, ref_cache = None, None
     if kind == "preference" and cfg.reference.strategy != "none":
         ref_params = _reference_params(cfg, state.params, mesh)
-    it_kw = dict(global_batch_size=cfg.train.batch_size, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
-                 buckets=tuple(cfg.data.buckets), process_index=jax.process_index(),
-                 process_count=jax.process_count())
-    it = data_iterator.batch_iterator(data, **it_kw)
-
-    checkpointer = ckpt.RunCheckpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
-                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    start = 0
-    if resume and checkpointer.latest_step() is not None:
-        state, meta, start = checkpointer.restore(state)
-        it.set_state(meta["data_iterator"])
-        log.info("resumed %s at step %d", run_dir, start)
+    it = open_iterator(cfg, data)
+    checkpointer, state, start = open_checkpoints(cfg, run_dir, state, it, resume)
     if kind == "preference" and cfg.reference.strategy == "precomputed":
         ref_cache = _precompute(cfg, graphdef, rest, ref_params, data, mesh)
         ref_params = None
@@ -197,30 +188,106 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         fn = steplib.make_sft_step(graphdef, rest, optimizer, micro_batches=cfg.train.micro_batches,
                                    nan_policy=cfg.train.nan_policy, **chunks)
     state_sh = parallel.tree_shardings(state)
-    batch_sh = lambda b: jax.tree.map(lambda x: parallel.batch_sharding(mesh, np.ndim(x)), b)
-    jitted = {}
+
+    def build(batch):
+        batch_sh = jax.tree.map(lambda x: parallel.batch_sharding(mesh, np.ndim(x)), batch)
+        if kind == "preference":
+            ref_sh = None if ref_params is None else parallel.tree_shardings(ref_params)
+            rl_sh = parallel.batch_sharding(mesh, 2) if ref_cache is not None else None
+            return steplib.jit_step(fn, state_sh, (ref_sh, batch_sh, rl_sh))
+        return steplib.jit_step(fn, state_sh, (batch_sh,))
+
+    jitted = per_shape(build)
 
     def call(state, batch):
-        key = jax.tree.map(np.shape, batch)
-        key = tuple(jax.tree.leaves(key))
-        if key not in jitted:
-            if kind == "preference":
-                ref_sh = None if ref_params is None else parallel.tree_shardings(ref_params)
-                rl_sh = parallel.batch_sharding(mesh, 2) if ref_cache is not None else None
-                jitted[key] = steplib.jit_step(fn, state_sh, (ref_sh, batch_sh(batch), rl_sh))
-            else:
-                jitted[key] = steplib.jit_step(fn, state_sh, (batch_sh(batch),))
         placed = parallel.shard_batch(batch, mesh)
         if kind == "preference":
             rl = None
             if ref_cache is not None:
                 rl = parallel.shard_batch(ref_cache.lookup(_positions(data, batch.index)), mesh)
-            return jitted[key](state, ref_params, placed, rl)
-        return jitted[key](state, placed)
+            return jitted(batch)(state, ref_params, placed, rl)
+        return jitted(batch)(state, placed)
 
+    after_step = None
+    if kind == "preference" and cfg.reference.sync_every:
+        sync = jax.jit(reference.sync_reference, static_argnums=2)  # built once, not per sync
+
+        def after_step(s, state):
+            nonlocal ref_params
+            if s % cfg.reference.sync_every == 0:
+                ref_params = sync(ref_params, state.params, cfg.reference.sync_alpha)
+
+    result = run_steps(cfg, run_dir, state=state, it=it, checkpointer=checkpointer, call=call, steps=steps,
+                       start=start, resume=resume, schedule=schedule,
+                       ckpt_meta={"config": to_dict(cfg), "model": model_json}, after_step=after_step)
+    state, last, elapsed = result.state, result.last, result.seconds
+    tokens_total = result.tokens
+    summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
+               "skipped_updates": int(state.skipped), "seconds": elapsed,
+               "tokens_per_s": tokens_total / max(elapsed, 1e-9),
+               "reference_logps": None if ref_cache is None else
+               {"cache": str(ref_cache.path), "computed": ref_cache.computed}}
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def open_iterator(cfg: RunConfig, data):
+    """The run's deterministic, checkpointable, process-sharded batch iterator."""
+    return data_iterator.batch_iterator(data, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                       shuffle=cfg.data.shuffle, buckets=tuple(cfg.data.buckets),
+                                       process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def open_checkpoints(cfg: RunConfig, run_dir: pathlib.Path, state, it, resume: bool):
+    """``(checkpointer, state, start_step)``; on ``resume`` restores the state and the iterator position."""
+    checkpointer = ckpt.RunCheckpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
+                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    start = 0
+    if resume and checkpointer.latest_step() is not None:
+        state, meta, start = checkpointer.restore(state)
+        it.set_state(meta["data_iterator"])
+        log.info("resumed %s at step %d", run_dir, start)
+    return checkpointer, state, start
+
+
+def per_shape(build: Callable[[Any], Callable]) -> Callable[[Any], Callable]:
+    """Caches ``build(batch)`` (a jitted step) per batch shape: one compile per bucket, reused after."""
+    cache: dict[tuple, Callable] = {}
+
+    def get(batch):
+        key = tuple(jax.tree.leaves(jax.tree.map(np.shape, batch)))
+        if key not in cache:
+            cache[key] = build(batch)
+        return cache[key]
+
+    return get
+
+
+@dataclasses.dataclass
+class LoopResult:
+    """What :func:`run_steps` hands back: final state, last logged metrics, tokens seen, wall seconds."""
+
+    state: Any
+    last: dict[str, Any]
+    tokens: float
+    seconds: float
+
+
+def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer, call, steps: int, start: int,
+              resume: bool, schedule, ckpt_meta: dict, after_step=None, desc: str = "train",
+              postfix: tuple[str, ...] = ("loss", "tokens_per_s")) -> LoopResult:
+    """The step loop shared by every trainer: metrics fetched one step late, logging, progress bar,
+    the NaN stop policy, checkpoints (with the iterator state) and fault injection for tests.
+
+    Args:
+      call: ``call(state, host_batch) -> (state, device metrics)``.
+      ckpt_meta: extra JSON saved with every checkpoint (config, model).
+      after_step: optional ``after_step(step, state)`` hook (e.g. reference syncing).
+    """
     writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                            config=to_dict(cfg), resume_step=start if resume else None)
-    bar = progress_bar(steps, start, cfg.logging.progress)
+    bar = progress_bar(steps, start, cfg.logging.progress, desc=desc)
     pending = AsyncMetrics()
     last: dict[str, Any] = {}
     tokens_total, t_start = 0.0, time.perf_counter()
@@ -243,7 +310,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         host.pop("_rows", None)
         if s % cfg.train.log_every == 0 or s == steps:
             last = writer.write(s, host)
-        bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host['tokens_per_s']:.0f}")
+        bar.set_postfix({k: f"{host[k]:.4g}" for k in postfix if k in host})
 
     # Fault injection for the reliability tests: SIGKILL before step N, or right after the
     # (asynchronous) checkpoint write of step N was started.
@@ -260,12 +327,11 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
                 metrics = {**metrics, "_rows": batch.index}
             record(pending.push(s, metrics, t0))
             bar.update(1)
-            if kind == "preference" and cfg.reference.sync_every and s % cfg.reference.sync_every == 0:
-                ref_params = jax.jit(reference.sync_reference, static_argnums=2)(ref_params, state.params,
-                                                                                  cfg.reference.sync_alpha)
+            if after_step is not None:
+                after_step(s, state)
             if checkpointer.should_save(s) or s == steps:
                 record(pending.flush())
-                meta = {"data_iterator": it.get_state(), "step": s, "config": to_dict(cfg), "model": model_json}
+                meta = {"data_iterator": it.get_state(), "step": s, **ckpt_meta}
                 checkpointer.save(s, state, meta, force=(s == steps))
                 if s == kill_after_save:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -275,15 +341,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         bar.close()
         writer.close()
         checkpointer.close()
-    elapsed = time.perf_counter() - t_start
-    summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
-               "skipped_updates": int(state.skipped), "seconds": elapsed,
-               "tokens_per_s": tokens_total / max(elapsed, 1e-9),
-               "reference_logps": None if ref_cache is None else
-               {"cache": str(ref_cache.path), "computed": ref_cache.computed}}
-    if jax.process_index() == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    return LoopResult(state, last, tokens_total, time.perf_counter() - t_start)
 
 
 def _positions(data, rows: np.ndarray) -> np.ndarray:
