@@ -341,6 +341,10 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
         bar.close()
         writer.close()
         checkpointer.close()
+    if jax.process_count() > 1:  # leave together, so no process waits alone at the runtime's shutdown barrier
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxpref:end_of_training")
     return LoopResult(state, last, tokens_total, time.perf_counter() - t_start)
 
 
