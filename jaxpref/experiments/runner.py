@@ -1,0 +1,131 @@
+"""Load an experiment YAML, apply overrides, run it and record an honest summary.
+
+An experiment file (``configs/experiments/NAME.yaml``)::
+
+    experiment: chen_alignment_gap     # module jaxpref.experiments.<experiment>
+    description: one line              # optional
+    seeds: [0, 1, 2]
+    params: {...}                      # passed to the module's run()
+    ci: {seeds: [0, 1], params: {...}} # optional smaller settings used with --ci (merged over the above)
+
+The module's ``run(params, seeds, out_dir, progress)`` returns ``{claim, reproduced, criterion, numbers}``;
+the runner adds the resolved settings and the wall time and writes ``summary.json`` next to the module's
+``results.json`` and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from jaxpref.config import ConfigError
+
+SUMMARY_KEYS = ("claim", "reproduced", "criterion", "numbers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A resolved experiment: which module, seeds and parameters."""
+
+    name: str
+    module: str
+    seeds: tuple[int, ...]
+    params: dict[str, Any]
+    description: str = ""
+    source: str = ""
+
+
+def load_experiment(path: str | pathlib.Path, overrides: Sequence[str] = (), *, ci: bool = False,
+                    seeds: Sequence[int] | None = None) -> Experiment:
+    """Reads ``path``; ``overrides`` are dotted ``params.KEY=VALUE`` (or ``seeds=[..]``) with YAML values."""
+    path = pathlib.Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read experiment file ({err})") from err
+    if not isinstance(raw, dict) or "experiment" not in raw:
+        raise ConfigError(f"{path}: expected a mapping with an 'experiment' key (module name)")
+    unknown = set(raw) - {"experiment", "description", "seeds", "params", "ci"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (allowed: experiment, description, seeds, "
+                          "params, ci)")
+    conf = OmegaConf.create({"seeds": raw.get("seeds", [0]), "params": raw.get("params") or {}})
+    if ci and raw.get("ci"):
+        conf = OmegaConf.merge(conf, OmegaConf.create(raw["ci"]))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. params.steps=100)")
+        key, value = item.split("=", 1)
+        if not (key == "seeds" or key.startswith("params.")):
+            raise ConfigError(f"override {item!r}: keys are 'seeds' or 'params.<name>'")
+        try:
+            OmegaConf.update(conf, key, yaml.safe_load(value), merge=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {err}") from err
+    resolved = OmegaConf.to_container(conf, resolve=True)
+    seed_list = tuple(int(s) for s in (seeds if seeds is not None else resolved["seeds"]))
+    if not seed_list:
+        raise ConfigError(f"{path}: at least one seed is needed")
+    return Experiment(name=path.stem, module=str(raw["experiment"]), seeds=seed_list, params=resolved["params"],
+                      description=str(raw.get("description", "")), source=str(path))
+
+
+def run_experiment(exp: Experiment, out_dir: str | pathlib.Path, *, progress: bool = True) -> dict[str, Any]:
+    """Runs ``exp`` into ``out_dir`` and returns (and writes) ``summary.json``."""
+    try:
+        module = importlib.import_module(f"jaxpref.experiments.{exp.module}")
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"{exp.source}: no experiment module jaxpref.experiments.{exp.module}") from err
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = module.run(dict(exp.params), list(exp.seeds), out, progress=progress)
+    missing = [k for k in SUMMARY_KEYS if k not in result]
+    if missing:
+        raise RuntimeError(f"experiment {exp.module} returned no {missing}")
+    summary = {"experiment": exp.module, "name": exp.name, "description": exp.description, "config": exp.source,
+               "seeds": list(exp.seeds), "params": exp.params, **result,
+               "runtime_s": round(time.perf_counter() - start, 1)}
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, default=_jsonable) + "\n")
+    tmp.replace(out / "summary.json")
+    return summary
+
+
+def _jsonable(x):
+    import numpy as np
+
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def markdown_table(summaries: Sequence[dict]) -> str:
+    """One row per experiment: name, claim, reproduced, headline numbers, runtime."""
+    lines = ["| experiment | claim | reproduced | numbers | runtime |", "|---|---|---|---|---|"]
+    for s in summaries:
+        nums = "; ".join(f"{k} = {_fmt(v)}" for k, v in s["numbers"].items())
+        lines.append(f"| {s['name']} | {s['claim']} | {'yes' if s['reproduced'] else '**no**'} | {nums} | "
+                     f"{s['runtime_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
