@@ -19,6 +19,8 @@ def add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g.add_argument("--max-length", type=int, default=512, help="max prompt+response tokens (prompt cut on the left)")
     g.add_argument("--max-prompt-length", type=int, default=None)
     g.add_argument("--no-chat-template", action="store_true", help="plain prompt+response concatenation")
+    g.add_argument("--no-eos", action="store_true", help="do not append EOS to responses (fixed-length data, "
+                                                         "e.g. the exact-oracle testbed, whose tokenizer has none)")
     g.add_argument("--batch-size", type=int, default=8, help="pairs per forward (2x sequences)")
 
 
@@ -36,7 +38,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def tokenize_config(args, base: TokenizeConfig | None = None) -> TokenizeConfig:
     base = base or TokenizeConfig()
     return TokenizeConfig(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                          truncation=base.truncation, chat_template=not args.no_chat_template, add_eos=base.add_eos)
+                          truncation=base.truncation, chat_template=not args.no_chat_template,
+                          add_eos=base.add_eos and not args.no_eos)
 
 
 def setup_logging() -> None:
