@@ -76,6 +76,30 @@ def _run_config(base: list[str], section: dict):
     return load_config(RunConfig, None, [*base, *_overrides("", section)])
 
 
+DEMO_KEYS = {"testbed", "model", "data", "sft", "preference", "methods", "method_overrides", "eval"}
+
+
+def check_config(cfg: dict) -> None:
+    """Validates demo settings before anything runs: known sections, a valid testbed, and every run
+    section (with each method's loss) a valid :class:`jaxpref.config.RunConfig` (ConfigError otherwise)."""
+    from jaxpref import losses
+    from jaxpref.config import ConfigError
+
+    unknown = set(cfg) - DEMO_KEYS
+    if unknown:
+        raise ConfigError(f"demo config: unknown sections {sorted(unknown)} (allowed: {sorted(DEMO_KEYS)})")
+    tbc = {k: v for k, v in cfg["testbed"].items() if k not in ("reward_scale", "demonstrator_temperature")}
+    try:
+        sb.Testbed(sb.TestbedConfig(**tbc)).model_config(**cfg.get("model", {}))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"demo config: testbed/model: {err}") from err
+    _run_config(["model.source=preset:tiny_llama"], cfg["sft"])
+    for name, loss in cfg["methods"].items():
+        run = _run_config([f"loss={json.dumps(loss)}",
+                           *_overrides("", cfg.get("method_overrides", {}).get(name, {}))], cfg["preference"])
+        losses.compose([{"name": t.name, "weight": t.weight, **t.hparams} for t in run.loss])
+
+
 def _exact_trajectory(tb, run_dir: pathlib.Path, ref_logps, pref, reward) -> dict[str, list]:
     """Exact win rate vs the reference, KL and expected reward at every checkpoint of ``run_dir``."""
     from jaxpref.evaluation import run_checkpoint_steps
@@ -106,6 +130,7 @@ def run_demo(out: str | pathlib.Path = "runs/demo", *, config: str | pathlib.Pat
 
     t0 = time.perf_counter()
     cfg = yaml.safe_load(pathlib.Path(config).read_text())
+    check_config(cfg)
     out = pathlib.Path(out)
     data_dir, report = out / "data", out / "report"
     data_dir.mkdir(parents=True, exist_ok=True)

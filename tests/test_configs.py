@@ -1,9 +1,11 @@
 """Every checked-in YAML under ``configs/`` parses (run configs through ``load_config``, sweeps through
 ``jaxpref.sweep``, with every sweep run validated), and config errors name the file and the key (R16)."""
 
+import importlib.util
 import pathlib
 
 import pytest
+import yaml
 
 from jaxpref import losses, sweep
 from jaxpref.config import ConfigError, RunConfig, load_config
@@ -23,11 +25,23 @@ def test_configs_are_found():
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=_id)
 def test_checked_in_config_parses(path, tmp_path):
+    raw = yaml.safe_load(path.read_text())
+    if "experiment" in raw:  # a reproduction (train.reproduce): its module exists and the settings load
+        from jaxpref.experiments import runner
+
+        exp = runner.load_experiment(path, ci=True)
+        assert importlib.util.find_spec(f"jaxpref.experiments.{exp.module}") is not None, exp.module
+        return
     if sweep.is_sweep_file(path):
         spec = sweep.load_sweep(path)
         runs = sweep.expand(spec, tmp_path)
         assert runs and len({r.name for r in runs}) == len(runs)
         sweep.validate(spec, runs)  # every run's config and loss composition
+        return
+    if path.parent.name == "demo":  # train.demo settings: every run section is a valid RunConfig
+        from jaxpref.demo import check_config
+
+        check_config(raw)
         return
     cfg = load_config(RunConfig, path)
     assert cfg.run_dir
