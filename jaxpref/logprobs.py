@@ -6,8 +6,16 @@ and, inside each chunk, the vocabulary in chunks of ``vocab_chunk`` columns with
 (streaming) log-sum-exp accumulated in float32. The backward pass is a hand-written
 ``jax.custom_vjp`` that recomputes each chunk's logits once more (the same trade as
 ``jax.checkpoint`` per chunk, without storing any per-chunk residual), accumulates the
-unembedding gradient in float32, and returns cotangents in the input dtypes. Peak memory is
-therefore ``O(N * seq_chunk * vocab_chunk)`` plus the unavoidable ``[D, V]`` gradient.
+unembedding gradient in float32, and returns cotangents in the input dtypes. Each vocabulary
+chunk of the unembedding is read in place with ``dynamic_slice`` in its own layout (``[D, V]``
+head or tied ``[V, D]`` embedding: never padded, transposed or copied whole), and the gradient
+is accumulated block by block into one float32 buffer of W's shape with
+``dynamic_update_slice``. Temporary memory is therefore ``O(N * seq_chunk * vocab_chunk)``
+plus ``O(N * T * D)`` plus that single float32 ``dW`` (see ``tests/test_logprobs.py`` and
+``bench/chunked_logprobs_memory.py`` for the compiled numbers).
+
+Packed rows (several sequences per row, told apart by segment ids) use
+:func:`segment_logprobs`: the same chunked pass over ``[R, T]``, then a segment sum.
 
 Conventions (done here once, nowhere else):
   * **Shift by one.** ``hidden[:, t]`` predicts ``input_ids[:, t + 1]``. ``token_logps[:, t]``
@@ -41,6 +49,9 @@ class SequenceLogProbs:
       sums: [N] float32 summed response log-prob.
       counts: [N] float32 number of response (target) tokens.
       means: [N] float32 ``sums / max(counts, 1)``.
+
+    For packed rows (:func:`segment_logprobs`) ``sums``, ``counts`` and ``means`` are per
+    segment id, ``[S]``, while ``token_logps`` stays ``[R, T]``.
     """
 
     token_logps: Array
@@ -49,12 +60,19 @@ class SequenceLogProbs:
     means: Array
 
 
-def _as_dv(unembedding: Array, layout: str) -> Array:
-    if layout == "dv":
-        return unembedding
-    if layout == "vd":
-        return unembedding.T
-    raise ValueError(f"unembedding layout must be 'dv' ([D, V]) or 'vd' ([V, D] tied embedding), got {layout!r}")
+_EQ = {  # einsum equations per unembedding layout: logits, dh from d logits, dW from d logits
+    "dv": ("ncd,dv->ncv", "ncv,dv->ncd", "ncd,ncv->dv"),
+    "vd": ("ncd,vd->ncv", "ncv,vd->ncd", "ncd,ncv->vd"),
+}
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in _EQ:
+        raise ValueError(f"unembedding layout must be 'dv' ([D, V]) or 'vd' ([V, D] tied embedding), got {layout!r}")
+
+
+def _vocab_axis(layout: str) -> int:
+    return 1 if layout == "dv" else 0
 
 
 def _pad_to(x: Array, axis: int, multiple: int, value=0) -> Array:
@@ -67,41 +85,53 @@ def _pad_to(x: Array, axis: int, multiple: int, value=0) -> Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _vocab_chunks(w_dv: Array, vocab_chunk: int) -> tuple[Array, Array]:
-    """[D, V] -> ([nV, D, Vc] chunks, [nV, Vc] validity of each column)."""
-    d, v = w_dv.shape
-    vc = min(vocab_chunk, v)
-    w = _pad_to(w_dv, 1, vc)
-    n_v = w.shape[1] // vc
-    valid = (jnp.arange(n_v * vc) < v).reshape(n_v, vc)
-    return w.reshape(d, n_v, vc).transpose(1, 0, 2), valid
+def _vocab_chunk_at(w: Array, layout: str, i: Array, vocab_chunk: int) -> tuple[Array, Array, Array, Array]:
+    """Vocabulary chunk ``i`` of the unembedding, sliced in place (no padded or transposed copy of W).
+
+    The last chunk's start is clamped to ``V - Vc`` so the slice stays in bounds; its columns that
+    an earlier chunk already covered are marked invalid.
+
+    Returns:
+      (w_c [D, Vc] or [Vc, D] in ``layout``, start [] int32, cols [Vc] int32 vocabulary ids,
+      valid [Vc] bool).
+    """
+    axis = _vocab_axis(layout)
+    v, vc = w.shape[axis], min(vocab_chunk, w.shape[axis])
+    first = i * vc
+    start = jnp.minimum(first, v - vc)
+    cols = start + jnp.arange(vc, dtype=jnp.int32)
+    return jax.lax.dynamic_slice_in_dim(w, start, vc, axis), start, cols, cols >= first
 
 
-def _chunk_logits(h: Array, w_c: Array, valid_c: Array) -> Array:
-    """[N, C, D] x [D, Vc] -> [N, C, Vc] float32 logits, padded columns at -inf."""
-    logits = jnp.einsum("ncd,dv->ncv", h, w_c, preferred_element_type=jnp.float32)
+def _num_vocab_chunks(w: Array, layout: str, vocab_chunk: int) -> int:
+    v = w.shape[_vocab_axis(layout)]
+    return -(-v // min(vocab_chunk, v))
+
+
+def _chunk_logits(h: Array, w_c: Array, layout: str, valid_c: Array) -> Array:
+    """[N, C, D] x chunk -> [N, C, Vc] float32 logits, invalid (already covered) columns at -inf."""
+    logits = jnp.einsum(_EQ[layout][0], h, w_c, preferred_element_type=jnp.float32)
     return jnp.where(valid_c[None, None, :], logits, -jnp.inf)
 
 
-def _lse_and_target(h: Array, w_dv: Array, targets: Array, vocab_chunk: int) -> tuple[Array, Array]:
+def _lse_and_target(h: Array, w: Array, layout: str, targets: Array, vocab_chunk: int) -> tuple[Array, Array]:
     """Streaming log-sum-exp over the vocabulary and the target logit, both [N, C] float32."""
-    w_chunks, valid = _vocab_chunks(w_dv, vocab_chunk)
     n, c = targets.shape
 
-    def body(carry, xs):
-        m, s = carry
-        w_c, valid_c = xs
-        logits = _chunk_logits(h, w_c, valid_c)  # [N, C, Vc]
+    def body(carry, i):
+        m, s, tgt_logit = carry
+        w_c, _, cols, valid_c = _vocab_chunk_at(w, layout, i, vocab_chunk)
+        logits = _chunk_logits(h, w_c, layout, valid_c)  # [N, C, Vc]
         m_new = jnp.maximum(m, logits.max(-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
-        return (m_new, s), None
+        hit = (cols == targets[..., None]) & valid_c  # [N, C, Vc], one True per position overall
+        tgt_logit = tgt_logit + jnp.where(hit, logits, 0.0).sum(-1)
+        return (m_new, s, tgt_logit), None
 
-    init = (jnp.full((n, c), -jnp.inf, jnp.float32), jnp.zeros((n, c), jnp.float32))
-    (m, s), _ = jax.lax.scan(body, init, (w_chunks, valid))
-    lse = m + jnp.log(s)
-    w_tgt = jnp.take(w_dv, targets, axis=1)  # [D, N, C]
-    tgt_logit = jnp.einsum("ncd,dnc->nc", h, w_tgt, preferred_element_type=jnp.float32)
-    return lse, tgt_logit
+    zeros = jnp.zeros((n, c), jnp.float32)
+    init = (jnp.full((n, c), -jnp.inf, jnp.float32), zeros, zeros)
+    (m, s, tgt_logit), _ = jax.lax.scan(body, init, jnp.arange(_num_vocab_chunks(w, layout, vocab_chunk)))
+    return m + jnp.log(s), tgt_logit
 
 
 def _seq_chunks(x: Array, seq_chunk: int) -> Array:
@@ -119,58 +149,58 @@ def _unchunk(x: Array, length: int) -> Array:
     return x.reshape(n, n_c * c, *x.shape[3:])[:, :length]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _target_logps(h: Array, w_dv: Array, targets: Array, seq_chunk: int, vocab_chunk: int) -> Array:
-    """log softmax(h @ w)[targets], [N, T'] float32, never materialising [N, T', V]."""
-    return _target_logps_fwd(h, w_dv, targets, seq_chunk, vocab_chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _target_logps(h: Array, w: Array, targets: Array, layout: str, seq_chunk: int, vocab_chunk: int) -> Array:
+    """log softmax(h @ W)[targets], [N, T'] float32, never materialising [N, T', V]."""
+    return _target_logps_fwd(h, w, targets, layout, seq_chunk, vocab_chunk)[0]
 
 
-def _target_logps_fwd(h, w_dv, targets, seq_chunk, vocab_chunk):
+def _target_logps_fwd(h, w, targets, layout, seq_chunk, vocab_chunk):
     t = h.shape[1]
     h_c, tgt_c = _seq_chunks(h, seq_chunk), _seq_chunks(targets, seq_chunk)
 
     def body(_, xs):
-        lse, tgt_logit = _lse_and_target(xs[0], w_dv, xs[1], vocab_chunk)
+        lse, tgt_logit = _lse_and_target(xs[0], w, layout, xs[1], vocab_chunk)
         return None, (tgt_logit - lse, lse)
 
     _, (logp, lse) = jax.lax.scan(body, None, (h_c, tgt_c))
-    return _unchunk(logp, t), (h, w_dv, targets, _unchunk(lse, t))
+    return _unchunk(logp, t), (h, w, targets, _unchunk(lse, t))
 
 
-def _target_logps_bwd(seq_chunk, vocab_chunk, res, g):
-    """d logp / d h = W[:, y] - E_p[W];  d logp / d W[:, v] = h (1[v = y] - p_v)."""
-    h, w_dv, targets, lse = res
+def _target_logps_bwd(layout, seq_chunk, vocab_chunk, res, g):
+    """d logp_t / d logits_t = onehot(y_t) - p_t, so dh = (g (onehot - p)) W^T and dW = h^T (g (onehot - p)).
+
+    Vocabulary chunks are the outer loop: each slices its ``Vc`` columns of W in place, scans the
+    sequence chunks (accumulating its ``[D, Vc]`` gradient block and emitting that block's share
+    of ``dh``), then adds the block into the single float32 ``dW`` accumulator (kept in W's own
+    layout) with ``dynamic_update_slice``. Temporaries are chunk-sized besides ``dW`` and ``dh``.
+    """
+    h, w, targets, lse = res
     t = h.shape[1]
-    w_chunks, valid = _vocab_chunks(w_dv, vocab_chunk)
-    g = g.astype(jnp.float32)
-    xs = tuple(_seq_chunks(a, seq_chunk) for a in (h, targets, lse, g))
+    axis = _vocab_axis(layout)
+    _, eq_dh, eq_dw = _EQ[layout]
+    xs = tuple(_seq_chunks(a, seq_chunk) for a in (h, targets, lse, g.astype(jnp.float32)))
 
-    def seq_body(dw_chunks, xs):
-        h_c, tgt_c, lse_c, g_c = xs  # [N, C, D], [N, C], [N, C], [N, C]
+    def vocab_body(carry, i):
+        dw, dh = carry
+        w_c, start, cols, valid_c = _vocab_chunk_at(w, layout, i, vocab_chunk)
 
-        def vocab_body(dh, ys):
-            w_c, valid_c, dw_c = ys
-            p = jnp.exp(_chunk_logits(h_c, w_c, valid_c) - lse_c[..., None])  # [N, C, Vc]
-            gp = g_c[..., None] * p
-            dh = dh - jnp.einsum("ncv,dv->ncd", gp, w_c, preferred_element_type=jnp.float32)
-            dw_c = dw_c - jnp.einsum("ncd,ncv->dv", h_c, gp, preferred_element_type=jnp.float32)
-            return dh, dw_c
+        def seq_body(dw_c, x):
+            h_c, tgt_c, lse_c, g_c = x  # [N, C, D], [N, C], [N, C], [N, C]
+            p = jnp.exp(_chunk_logits(h_c, w_c, layout, valid_c) - lse_c[..., None])  # [N, C, Vc]
+            hit = ((cols == tgt_c[..., None]) & valid_c).astype(jnp.float32)
+            d_logits = g_c[..., None] * (hit - p)
+            dh_c = jnp.einsum(eq_dh, d_logits, w_c, preferred_element_type=jnp.float32)
+            dw_c = dw_c + jnp.einsum(eq_dw, h_c, d_logits, preferred_element_type=jnp.float32)
+            return dw_c, dh_c
 
-        dh0 = jnp.zeros(h_c.shape, jnp.float32)
-        dh, dw_chunks = jax.lax.scan(vocab_body, dh0, (w_chunks, valid, dw_chunks))
-        w_tgt = jnp.take(w_dv, tgt_c, axis=1).astype(jnp.float32)  # [D, N, C]
-        dh = dh + g_c[..., None] * jnp.moveaxis(w_tgt, 0, -1)
-        return dw_chunks, dh
+        dw_c, dh_part = jax.lax.scan(seq_body, jnp.zeros(w_c.shape, jnp.float32), xs)
+        block = jax.lax.dynamic_slice_in_dim(dw, start, w_c.shape[axis], axis) + dw_c
+        return (jax.lax.dynamic_update_slice_in_dim(dw, block, start, axis), dh + dh_part), None
 
-    dw0 = jnp.zeros(w_chunks.shape, jnp.float32)  # [nV, D, Vc]
-    dw_chunks, dh = jax.lax.scan(seq_body, dw0, xs)
-    d, v = w_dv.shape
-    dw = dw_chunks.transpose(1, 0, 2).reshape(d, -1)[:, :v]
-    # The target term of dW: scatter-add h * g into the target columns.
-    contrib = (g[..., None] * h.astype(jnp.float32)).reshape(-1, d)  # [N*T', D]
-    dw = dw.at[:, targets.reshape(-1)].add(contrib.T)
-    dh = _unchunk(dh, t)
-    return dh.astype(h.dtype), dw.astype(w_dv.dtype), None
+    init = (jnp.zeros(w.shape, jnp.float32), jnp.zeros(xs[0].shape, jnp.float32))
+    (dw, dh), _ = jax.lax.scan(vocab_body, init, jnp.arange(_num_vocab_chunks(w, layout, vocab_chunk)))
+    return _unchunk(dh, t).astype(h.dtype), dw.astype(w.dtype), None
 
 
 _target_logps.defvjp(_target_logps_fwd, _target_logps_bwd)
@@ -204,14 +234,15 @@ def sequence_logprobs(
     if hidden.ndim != 3 or input_ids.shape != hidden.shape[:2] or loss_mask.shape != input_ids.shape:
         raise ValueError(f"expected hidden [N, T, D], input_ids [N, T], loss_mask [N, T]; got "
                          f"{hidden.shape}, {input_ids.shape}, {loss_mask.shape}")
-    w_dv = _as_dv(unembedding, layout)
-    if w_dv.shape[0] != hidden.shape[-1]:
+    _check_layout(layout)
+    if unembedding.ndim != 2 or unembedding.shape[1 - _vocab_axis(layout)] != hidden.shape[-1]:
         raise ValueError(f"unembedding {unembedding.shape} (layout {layout!r}) does not match hidden size "
                          f"{hidden.shape[-1]}")
     n, t, _ = hidden.shape
     seq_chunk = max(1, min(seq_chunk, t - 1)) if t > 1 else 1
     mask = loss_mask[:, 1:].astype(jnp.float32)  # [N, T-1]
-    logp = _target_logps(hidden[:, :-1], w_dv, input_ids[:, 1:].astype(jnp.int32), seq_chunk, vocab_chunk)
+    logp = _target_logps(hidden[:, :-1], unembedding, input_ids[:, 1:].astype(jnp.int32), layout, seq_chunk,
+                         vocab_chunk)
     logp = jnp.where(mask > 0, logp, 0.0)
     token_logps = jnp.concatenate([jnp.zeros((n, 1), jnp.float32), logp], axis=1)  # [N, T]
     sums = logp.sum(-1)
@@ -256,3 +287,63 @@ def last_hidden(hidden: Array, segment_ids: Array) -> Array:
     lengths = (segment_ids != 0).sum(-1)
     idx = jnp.maximum(lengths - 1, 0)
     return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("num_segments", "layout", "seq_chunk", "vocab_chunk"))
+def segment_logprobs(
+    hidden: Array,
+    unembedding: Array,
+    input_ids: Array,
+    loss_mask: Array,
+    segment_ids: Array,
+    *,
+    num_segments: int,
+    layout: str = "dv",
+    seq_chunk: int = 128,
+    vocab_chunk: int = 8192,
+) -> SequenceLogProbs:
+    """Per-segment log-prob sums of packed rows: one chunked pass over ``[R, T]``, then a segment sum.
+
+    Each row holds several sequences, each with its own segment id (0 = padding) and positions
+    restarting at 0 (the model's attention is block-diagonal by segment id). A token is a target
+    only where ``loss_mask`` is 1 *and* its predecessor in the row belongs to the same segment,
+    so the first token of a segment is never a target (its predictor is the previous segment's
+    last token), exactly as position 0 of an unpacked row never is. Then
+    ``sums[s] = sum_{t in segment s} token_logps[t]`` (Chen et al. 2024, App. C.1, per sequence).
+
+    Args:
+      hidden: [R, T, D] final hidden states of the packed rows.
+      unembedding: [D, V] (``layout="dv"``) or tied [V, D] (``layout="vd"``).
+      input_ids: [R, T] int token ids.
+      loss_mask: [R, T] 1 where ``input_ids`` is a response target token.
+      segment_ids: [R, T] int segment of each token, 0 = padding; ids may be shared across rows
+        only by design of the caller (the sums add every token carrying the id).
+      num_segments: static size of the output (segment ids >= it are dropped).
+      seq_chunk, vocab_chunk: as for :func:`sequence_logprobs`.
+
+    Returns:
+      :class:`SequenceLogProbs` with ``token_logps`` [R, T] (0 where not a target) and
+      ``sums``, ``counts``, ``means`` of shape [num_segments] (entry 0, padding, is 0).
+    """
+    if segment_ids.shape != input_ids.shape:
+        raise ValueError(f"segment_ids {segment_ids.shape} must match input_ids {input_ids.shape}")
+    mask = segment_target_mask(loss_mask, segment_ids)  # [R, T]
+    lp = sequence_logprobs(hidden, unembedding, input_ids, mask.astype(jnp.int32), layout=layout,
+                           seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+    flat_seg = segment_ids.reshape(-1).astype(jnp.int32)
+    sums = jax.ops.segment_sum(lp.token_logps.reshape(-1), flat_seg, num_segments)
+    counts = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.float32), flat_seg, num_segments)
+    return SequenceLogProbs(lp.token_logps, sums, counts, sums / jnp.maximum(counts, 1.0))
+
+
+def segment_target_mask(loss_mask: Array, segment_ids: Array) -> Array:
+    """[R, T] bool: ``loss_mask`` where the token's predecessor in the row is in the same non-zero segment."""
+    seg = segment_ids.astype(jnp.int32)
+    same = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] == seg[:, :-1]], axis=1)
+    return (loss_mask != 0) & same & (seg != 0)
+
+
+def segment_counts(loss_mask: Array, segment_ids: Array, num_segments: int) -> Array:
+    """[num_segments] float32 target tokens per segment (the ``counts`` of :func:`segment_logprobs`)."""
+    mask = segment_target_mask(loss_mask, segment_ids).reshape(-1).astype(jnp.float32)
+    return jax.ops.segment_sum(mask, segment_ids.reshape(-1).astype(jnp.int32), num_segments)

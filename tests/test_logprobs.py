@@ -152,3 +152,58 @@ def test_chunked_path_never_allocates_full_logits():
     assert naive_temp >= full_logits_bytes  # the reference really does materialise [N, T, V]
     assert chunked_temp < full_logits_bytes / 4, (chunked_temp, full_logits_bytes)
     assert chunked_temp * 4 < naive_temp
+
+
+@pytest.mark.parametrize("layout,v", [("dv", 32768), ("vd", 32000)])
+def test_backward_temporaries_hold_one_f32_unembedding_not_several(layout, v):
+    """Compiled temp memory of loss + grad at D 256: the float32 ``dW`` accumulator plus chunk-sized
+    buffers. The former backward held padded / transposed ``[nV, D, Vc]`` copies of W and of its
+    gradient: 98 MiB ("dv", V 32768) and 161 MiB ("vd", V 32000) = 3.1 and 5.2 f32 [D, V]; now 15 MiB."""
+    n, t, d, sc, vc = 2, 128, 256, 32, 4096
+    w_shape = (d, v) if layout == "dv" else (v, d)
+
+    def loss(h, w, ids, mask):
+        return logprobs.sequence_logprobs(h, w, ids, mask, layout=layout, seq_chunk=sc, vocab_chunk=vc).sums.sum()
+
+    args = (jax.ShapeDtypeStruct((n, t, d), jnp.float32), jax.ShapeDtypeStruct(w_shape, jnp.float32),
+            jax.ShapeDtypeStruct((n, t), jnp.int32), jax.ShapeDtypeStruct((n, t), jnp.int32))
+    temp = _temp_bytes(jax.value_and_grad(loss, argnums=(0, 1)), *args)
+    w_f32 = d * v * 4
+    chunk_f32 = n * sc * vc * 4  # one [N, seq_chunk, vocab_chunk] float32 tile (1 MiB)
+    assert temp < w_f32 + 8 * chunk_f32, (temp / 2**20, w_f32 / 2**20)
+
+
+def test_segment_logprobs_equal_unpacked_rows():
+    """Two sequences packed in one row (own segment ids) give the sums, counts and gradients of the
+    same sequences in separate rows; the first token of a segment is never a target."""
+    n, t, d, v = 3, 7, 8, 23
+    hidden, w, ids, mask = _inputs(21, n, t, d, v)
+    mask = mask.at[:, 0].set(1)  # position 0 (and so a segment's first token) must be ignored
+    lengths = [7, 5, 6]
+    # row 0: seq 0 then seq 1 (12 tokens); row 1: seq 2 then padding; T_pack 12
+    t_pack = 12
+
+    def pack(x):
+        row0 = jnp.concatenate([x[0, :lengths[0]], x[1, :lengths[1]]])
+        row1 = jnp.concatenate([x[2, :lengths[2]], jnp.zeros((t_pack - lengths[2], *x.shape[2:]), x.dtype)])
+        return jnp.stack([row0, row1])
+
+    seg = jnp.array([[1] * 7 + [2] * 5, [3] * 6 + [0] * 6], jnp.int32)
+    cut = (jnp.arange(t)[None] < jnp.array(lengths)[:, None]).astype(jnp.int32)
+
+    def unpacked(h, w):
+        return logprobs.sequence_logprobs(h, w, ids, mask * cut, seq_chunk=4, vocab_chunk=8)
+
+    def packed(h, w):
+        return logprobs.segment_logprobs(pack(h), w, pack(ids), pack(mask), seg, num_segments=4, seq_chunk=4,
+                                         vocab_chunk=8)
+
+    ref, got = unpacked(hidden, w), jax.jit(packed)(hidden, w)
+    np.testing.assert_allclose(got.sums[1:], ref.sums, atol=1e-5, rtol=1e-6)
+    np.testing.assert_allclose(got.counts[1:], ref.counts)
+    assert float(got.sums[0]) == 0.0 and float(got.counts[0]) == 0.0
+    coef = jnp.array([0.5, -1.0, 2.0])
+    g_ref = jax.jit(jax.grad(lambda h, w: (coef * unpacked(h, w).sums).sum(), argnums=(0, 1)))(hidden, w)
+    g_got = jax.jit(jax.grad(lambda h, w: (coef * packed(h, w).sums[1:]).sum(), argnums=(0, 1)))(hidden, w)
+    np.testing.assert_allclose(g_got[0] * cut[..., None], g_ref[0], atol=1e-5)
+    np.testing.assert_allclose(g_got[1], g_ref[1], atol=1e-5)
