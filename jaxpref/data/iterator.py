@@ -19,10 +19,22 @@ batch is dropped (``drop_remainder``) or padded with masked rows. Optional **len
 are sorted by length before cutting, and the epoch's batch order is then shuffled, so a batch
 holds sequences of similar length (less padding, smaller buckets) while the plan stays a pure
 function of the seed.
+
+Optional **packing** (``packing=PackSpec(...)``, pairs only): batches are
+:class:`~jaxpref.types.PackedPairBatch` (several sequences per row, one static ``[R, T]``
+shape) and each epoch's plan is cut by :func:`jaxpref.data.packing.plan_groups` so every
+process's ``B`` pairs fit its ``R`` rows (a pair that does not fit opens the next batch); the
+plan is still a pure function of the seed.
+
+**Reference samples** (TYPO): given ``ref_samples`` (a
+:class:`jaxpref.training.reference_samples.ReferenceSamples`), each pair batch also carries
+``batch.ref_samples``, bucketed like the pairs from the *global* batch's longest prompt + sample
+(same shapes on every process). They do not change the plan or the fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -32,9 +44,10 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxpref.data import packing as packing_lib
 from jaxpref.data.batching import _default_buckets, choose_bucket, make_batch
 from jaxpref.data.tokenize import TokenizedPairs, TokenizedSFT
-from jaxpref.types import PairBatch, SFTBatch
+from jaxpref.types import PackedPairBatch, PairBatch, SFTBatch
 
 
 class BatchDataset(grain.MapDataset):
@@ -53,6 +66,8 @@ class BatchDataset(grain.MapDataset):
         length_grouping: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
+        ref_samples: Any = None,
+        packing: packing_lib.PackSpec | None = None,
     ):
         """See the module docstring.
 
@@ -68,6 +83,11 @@ class BatchDataset(grain.MapDataset):
             (0 or 1: off).
           process_index: this process (default ``jax.process_index()``).
           process_count: number of processes (default ``jax.process_count()``).
+          ref_samples: optional reference samples of ``data``'s pairs (anything with ``seq_lengths``
+            [N], ``buckets`` and ``batch(indices, seq_len=, batch_size=)``, e.g.
+            :class:`~jaxpref.training.reference_samples.ReferenceSamples`), attached to each batch.
+          packing: pack pairs into :class:`~jaxpref.types.PackedPairBatch` rows of this shape
+            (``rows`` per process; ``buckets`` and ``length_grouping`` then do not apply).
         """
         super().__init__()
         if process_index is None or process_count is None:
@@ -92,10 +112,32 @@ class BatchDataset(grain.MapDataset):
         self.drop_remainder, self.length_grouping = drop_remainder, int(length_grouping)
         self.process_index, self.process_count = process_index, process_count
         self.buckets = tuple(buckets) if buckets is not None else _default_buckets(data)
+        if ref_samples is not None and (isinstance(data, TokenizedSFT) or len(ref_samples.seq_lengths) != n):
+            raise ValueError(f"ref_samples cover {len(ref_samples.seq_lengths)} prompts; they need the "
+                             f"{n} tokenised pairs of data")
+        self.ref_samples = ref_samples
         self.steps_per_epoch = steps
         self._lengths = data.lengths().max(axis=1) if n else np.zeros(0, np.int32)  # [N]
         if n and self._lengths.max() > max(self.buckets):
             raise ValueError(f"longest sequence {self._lengths.max()} exceeds the largest bucket {max(self.buckets)}")
+        self.packing = packing
+        self.packing_left_out: dict[int, int] = {}  # epoch -> pairs the packed plan could not place
+        if packing is not None:
+            self._check_packing(packing)
+
+    def _check_packing(self, packing: packing_lib.PackSpec) -> None:
+        if not isinstance(self.data, TokenizedPairs):
+            raise ValueError("packing applies to preference pairs only, not SFT examples")
+        if self.length_grouping > 1:
+            raise ValueError("packing and length_grouping are exclusive (packing already removes the padding)")
+        if self.ref_samples is not None:
+            raise ValueError("packing does not carry reference samples (ref_samples); use padded batches")
+        if self.local_batch_size % packing.groups:
+            raise ValueError(f"per-process batch size {self.local_batch_size} is not divisible by "
+                             f"packing groups {packing.groups}")
+        if len(self.data) and self._lengths.max() > packing.seq_len:
+            raise ValueError(f"longest sequence {self._lengths.max()} exceeds the packed row length "
+                             f"{packing.seq_len}")
 
     def __len__(self) -> int:
         return sys.maxsize if self.num_epochs is None else self.steps_per_epoch * self.num_epochs
@@ -111,6 +153,8 @@ class BatchDataset(grain.MapDataset):
         h = hashlib.sha256(json.dumps([
             len(self.data), self.global_batch_size, self.seed, self.shuffle, self.drop_remainder,
             self.buckets, self.length_grouping, self.num_epochs]).encode())
+        if self.packing is not None:
+            h.update(json.dumps(["packing", dataclasses.asdict(self.packing)]).encode())
         h.update(np.ascontiguousarray(self.data.row).tobytes())
         h.update(np.ascontiguousarray(self._lengths).tobytes())
         return h.hexdigest()[:16]
@@ -120,6 +164,8 @@ class BatchDataset(grain.MapDataset):
         """[steps_per_epoch, global_batch_size] int64 row positions of each global batch (-1 = pad)."""
         n, g = len(self.data), self.global_batch_size
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if self.packing is not None:
+            return self._packed_plan(epoch, order)
         full = n // g * g
         main, rest = order[:full], order[full:]
         if self.length_grouping > 1:
@@ -133,6 +179,16 @@ class BatchDataset(grain.MapDataset):
             batches = np.concatenate([batches, np.concatenate([rest, np.full(g - len(rest), -1)])[None]])
         return batches
 
+    def _packed_plan(self, epoch: int, order: np.ndarray) -> np.ndarray:
+        """Packable global batches of ``process_count x groups`` groups; process ``p``'s slice is its
+        ``groups`` groups interleaved (slot ``q * groups + j`` = group ``j``'s ``q``-th pair)."""
+        k, p, steps = self.packing.groups, self.process_count, self.steps_per_epoch
+        per_group = self.local_batch_size // k
+        plan, left_out = packing_lib.plan_groups(self.data.lengths(), order, self.packing,
+                                                 pairs_per_group=per_group, num_groups=steps * p * k)
+        self.packing_left_out[epoch] = left_out
+        return plan.reshape(steps, p, k, per_group).transpose(0, 1, 3, 2).reshape(steps, -1)
+
     def global_indices(self, step: int) -> np.ndarray:
         """[global_batch_size] row positions (into ``data``) of global batch ``step`` (-1 = pad)."""
         if not 0 <= step < len(self):
@@ -140,15 +196,22 @@ class BatchDataset(grain.MapDataset):
         epoch, k = divmod(step, self.steps_per_epoch)
         return self.epoch_plan(epoch)[k]
 
-    def __getitem__(self, step: Any) -> PairBatch | SFTBatch:
+    def __getitem__(self, step: Any) -> PairBatch | SFTBatch | PackedPairBatch:
         if isinstance(step, slice):
             return self.slice(step)
         rows = self.global_indices(int(step))  # [G]
-        real = rows[rows >= 0]
-        seq_len = choose_bucket(int(self._lengths[real].max()) if len(real) else 1, self.buckets)
         b = self.local_batch_size
         local = rows[self.process_index * b:(self.process_index + 1) * b]
-        return make_batch(self.data, local, seq_len=seq_len, batch_size=b)
+        if self.packing is not None:
+            return packing_lib.pack_pairs(self.data, local, self.packing, first_slot=self.process_index * b)
+        real = rows[rows >= 0]
+        seq_len = choose_bucket(int(self._lengths[real].max()) if len(real) else 1, self.buckets)
+        batch = make_batch(self.data, local, seq_len=seq_len, batch_size=b)
+        if self.ref_samples is not None:
+            longest = int(self.ref_samples.seq_lengths[real].max()) if len(real) else 1
+            batch = batch.replace(ref_samples=self.ref_samples.batch(
+                local, seq_len=choose_bucket(longest, self.ref_samples.buckets), batch_size=b))
+        return batch
 
 
 class BatchIterator:

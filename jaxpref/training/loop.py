@@ -31,9 +31,10 @@ import numpy as np
 from flax import nnx
 
 from jaxpref import losses, parallel
-from jaxpref.config import RunConfig, save_config, to_dict
+from jaxpref.config import ConfigError, RunConfig, save_config, to_dict
 from jaxpref.data import formats as data_formats
 from jaxpref.data import iterator as data_iterator
+from jaxpref.data import packing as data_packing
 from jaxpref.data import tokenize as data_tokenize
 from jaxpref.loading import (
     LoadedModel,
@@ -45,7 +46,7 @@ from jaxpref.loading import (
     model_meta,
 )
 from jaxpref.training import checkpoint as ckpt
-from jaxpref.training import optim, reference
+from jaxpref.training import optim, reference, reference_samples
 from jaxpref.training import step as steplib
 from jaxpref.training.logging import AsyncMetrics, MetricsWriter, progress_bar
 
@@ -133,6 +134,18 @@ def _check_reference(cfg: RunConfig, comp) -> None:
         raise RunError(f"reference.strategy=none but loss terms {names} need reference log-probs")
 
 
+def _check_reference_samples(cfg: RunConfig, comp) -> tuple[str, ...]:
+    """Terms needing reference samples (TYPO with λ > 0); ConfigError when ``reference.samples`` is unset."""
+    terms = reference_samples.needs_reference_samples(comp)
+    if terms and cfg.reference.samples is None:
+        raise ConfigError(f"loss terms {list(terms)} need responses sampled from the reference (their unsupervised "
+                          "term) but reference.samples is not set: add e.g. 'reference.samples={n: 1, "
+                          "max_new_tokens: 128}' (or reference.samples={} for the defaults), or set their lam=0")
+    if not terms and cfg.reference.samples is not None:
+        log.warning("reference.samples is set but no loss term uses reference samples: not sampling")
+    return terms
+
+
 def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = False) -> dict[str, Any]:
     """Runs (or resumes) a preference or SFT training run; returns the summary dict."""
     parallel.maybe_initialize_distributed()
@@ -144,8 +157,11 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         raise RunError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                        f"train.micro_batches={cfg.train.micro_batches}")
     comp = _composition(cfg) if kind == "preference" else None
+    sample_terms: tuple[str, ...] = ()
     if comp is not None:
         _check_reference(cfg, comp)
+        sample_terms = _check_reference_samples(cfg, comp)
+    _check_packing(cfg, kind, sample_terms)
     if cfg.model.tokenizer:  # fail on a vocabulary mismatch before building (compiling) anything
         check_vocab_before_build(cfg.model.source, cfg.model.overrides, load_tokenizer(cfg.model.tokenizer),
                                  cfg.model.tokenizer)
@@ -173,7 +189,11 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     ref_params, ref_cache = None, None
     if kind == "preference" and cfg.reference.strategy != "none":
         ref_params = _reference_params(cfg, state.params, mesh)
-    it = open_iterator(cfg, data)
+    samples = None
+    if sample_terms:  # drawn from the initial reference, before any checkpoint is restored
+        sample_params = ref_params if ref_params is not None else _reference_params(cfg, state.params, mesh)
+        samples = _sample_reference(cfg, graphdef, rest, sample_params, data, tokenizer)
+    it = open_iterator(cfg, data, ref_samples=samples, packing=pack_spec(cfg, data, mesh))
     checkpointer, state, start = open_checkpoints(cfg, run_dir, state, it, resume)
     if kind == "preference" and cfg.reference.strategy == "precomputed":
         ref_cache = _precompute(cfg, graphdef, rest, ref_params, data, mesh)
@@ -226,17 +246,63 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
                "skipped_updates": int(state.skipped), "seconds": elapsed,
                "tokens_per_s": tokens_total / max(elapsed, 1e-9),
                "reference_logps": None if ref_cache is None else
-               {"cache": str(ref_cache.path), "computed": ref_cache.computed}}
+               {"cache": str(ref_cache.path), "computed": ref_cache.computed},
+               "reference_samples": None if samples is None else samples.summary()}
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def open_iterator(cfg: RunConfig, data):
-    """The run's deterministic, checkpointable, process-sharded batch iterator."""
+def open_iterator(cfg: RunConfig, data, ref_samples=None, packing: data_packing.PackSpec | None = None):
+    """The run's deterministic, checkpointable, process-sharded batch iterator (``ref_samples``: attach
+    :class:`~jaxpref.training.reference_samples.ReferenceSamples` to every pair batch; ``packing``:
+    yield :class:`~jaxpref.types.PackedPairBatch` of that shape, see :func:`pack_spec`)."""
+    if cfg.data.packing and packing is None:
+        raise RunError("data.packing=true is supported by train.preference only")
     return data_iterator.batch_iterator(data, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                        shuffle=cfg.data.shuffle, buckets=tuple(cfg.data.buckets),
-                                       process_index=jax.process_index(), process_count=jax.process_count())
+                                       process_index=jax.process_index(), process_count=jax.process_count(),
+                                       ref_samples=ref_samples, packing=packing)
+
+
+def _check_packing(cfg: RunConfig, kind: str, sample_terms: tuple[str, ...]) -> None:
+    if not cfg.data.packing:
+        return
+    if kind != "preference":
+        raise RunError(f"data.packing=true packs preference pairs; it does not apply to {kind} runs")
+    if sample_terms:
+        raise RunError(f"data.packing=true cannot carry the reference samples that loss terms {list(sample_terms)} "
+                       "need; set data.packing=false")
+    unit = cfg.train.micro_batches * jax.process_count()
+    if cfg.data.pack_rows < 0 or cfg.data.pack_rows % unit or 0 < cfg.data.pack_rows < 2 * unit:
+        raise RunError(f"data.pack_rows={cfg.data.pack_rows} must be 0 (automatic) or a multiple of "
+                       f"train.micro_batches x processes = {unit} with at least 2 rows per micro-batch and process")
+
+
+def pack_spec(cfg: RunConfig, data, mesh) -> data_packing.PackSpec | None:
+    """The per-process packed-batch shape of a ``data.packing`` run (None when not packing).
+
+    Rows of ``data.max_length`` tokens; ``data.pack_rows`` rows per global batch, or automatic
+    (:func:`jaxpref.data.packing.auto_rows`, a multiple of micro-batches x this process's
+    data-parallel devices so the rows shard evenly); one interleaved group per micro-batch.
+    """
+    if not cfg.data.packing:
+        return None
+    procs, k = jax.process_count(), cfg.train.micro_batches
+    batch_axes = dict(parallel.DEFAULT_RULES)["batch"] or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+    devices = max(1, int(np.prod([mesh.shape[a] for a in batch_axes])) // procs)
+    rows = cfg.data.pack_rows // procs
+    if not rows:
+        rows = data_packing.auto_rows(data.lengths(), cfg.train.batch_size // procs, cfg.data.max_length,
+                                      groups=k, devices=devices)
+    elif rows % (k * devices):
+        raise RunError(f"data.pack_rows={cfg.data.pack_rows} gives {rows} rows per process, not a multiple of "
+                       f"train.micro_batches x data-parallel devices per process = {k * devices}")
+    spec = data_packing.PackSpec(seq_len=cfg.data.max_length, rows=rows, groups=k)
+    log.info("packing pairs into %d rows x %d tokens per process batch (%d micro-batch groups)", rows,
+             spec.seq_len, k)
+    return spec
 
 
 def open_checkpoints(cfg: RunConfig, run_dir: pathlib.Path, state, it, resume: bool):
@@ -385,3 +451,18 @@ def _precompute(cfg: RunConfig, graphdef, rest, ref_params, data, mesh) -> refer
 
     return reference.ReferenceLogpCache.load_or_compute(cfg.reference.cache_dir, key, len(data), compute,
                                                        meta={"model": cfg.reference.source or cfg.model.source})
+
+
+def _sample_reference(cfg: RunConfig, graphdef, rest, ref_params, data,
+                      tokenizer) -> reference_samples.ReferenceSamples:
+    """Reference samples of every training prompt (TYPO), drawn once and cached on disk."""
+    from jaxpref.generation import SamplingConfig
+
+    sc = cfg.reference.samples
+    eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    sampling = SamplingConfig(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k,
+                              top_p=sc.top_p, eos_token_ids=eos, pad_token_id=int(data.pad_id))
+    return reference_samples.reference_samples_for(
+        nnx.merge(graphdef, ref_params, rest), data, n_samples=sc.n, sampling=sampling, seed=sc.seed,
+        batch_size=sc.batch_size, cache_dir=sc.cache_dir, buckets=tuple(cfg.data.buckets), params=ref_params,
+        progress=cfg.logging.progress, meta={"model": cfg.reference.source or cfg.model.source})

@@ -11,6 +11,12 @@ data-parallel devices) and scanned with ``lax.scan``. Every loss term's batch va
 ``sum(numerator) / sum(denominator)`` with denominators that depend only on token counts, so
 the denominators of the *whole* batch are computed first and each micro-batch contributes
 ``numerator / global_denominator``: the accumulated loss and gradients equal the full batch's.
+
+Reference samples (TYPO's unsupervised term): when a term needs ``LossInputs.reference_sample_logps``
+(:func:`jaxpref.training.reference_samples.needs_reference_samples`), ``batch.ref_samples`` holds
+``S`` reference responses per pair; the policy scores them in the same differentiated loss (one more
+forward of ``[B*S, T']``) and the per-pair mean over the ``S`` samples enters the loss. They are
+part of the batch pytree, so micro-batches split them with their pairs.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from flax import nnx
 
 from jaxpref import logprobs
 from jaxpref.losses import Composition, LossInputs
-from jaxpref.types import PairBatch, SFTBatch
+from jaxpref.training.reference_samples import needs_reference_samples
+from jaxpref.types import PackedPairBatch, PairBatch, ReferenceSampleBatch, SFTBatch
 
 Array = jax.Array
 
@@ -90,6 +97,57 @@ def pair_logps(graphdef, params, rest, batch: PairBatch, **chunks) -> tuple[Arra
     return lp.sums.reshape(b, two), lp.counts.reshape(b, two)
 
 
+def packed_pair_logps(graphdef, params, rest, batch: PackedPairBatch, *, num_segments: int,
+                      **chunks) -> tuple[Array, Array]:
+    """Packed pairs: ONE forward of the ``[R, T]`` rows and ONE chunked log-prob pass, summed per
+    segment (:func:`jaxpref.logprobs.segment_logprobs`) and gathered by ``batch.pair_segments``.
+
+    Args:
+      num_segments: ``2 B + 1`` of the *whole* batch (segment ids are global batch slots, also
+        inside a micro-batch).
+
+    Returns:
+      ``(sums [B, 2], counts [B, 2])`` as :func:`pair_logps` (0 for padding pairs).
+    """
+    model = nnx.merge(graphdef, params, rest)
+    out = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids)
+    matrix, layout = model.unembedding()
+    lp = logprobs.segment_logprobs(out.hidden, matrix, batch.input_ids, batch.loss_mask, batch.segment_ids,
+                                   num_segments=num_segments, layout=layout, **chunks)
+    return lp.sums[batch.pair_segments], lp.counts[batch.pair_segments]
+
+
+def batch_pair_logps(graphdef, params, rest, batch: PairBatch | PackedPairBatch, *, num_segments: int | None = None,
+                     **chunks) -> tuple[Array, Array]:
+    """:func:`pair_logps` or :func:`packed_pair_logps` by batch type: ``(sums [B, 2], counts [B, 2])``."""
+    if isinstance(batch, PackedPairBatch):
+        return packed_pair_logps(graphdef, params, rest, batch, num_segments=num_segments or batch.num_segments,
+                                 **chunks)
+    return pair_logps(graphdef, params, rest, batch, **chunks)
+
+
+def pair_counts(batch: PairBatch | PackedPairBatch) -> Array:
+    """[B, 2] float32 response (target) tokens of chosen and rejected, padded or packed."""
+    if isinstance(batch, PackedPairBatch):
+        per_segment = logprobs.segment_counts(batch.loss_mask, batch.segment_ids, batch.num_segments)
+        return per_segment[batch.pair_segments]
+    return batch.loss_mask[..., 1:].sum(-1).astype(jnp.float32)
+
+
+def reference_sample_logps(graphdef, params, rest, samples: ReferenceSampleBatch, **chunks) -> tuple[Array, Array]:
+    """Policy log-probs of the reference samples in one forward of ``[B*S, T]``.
+
+    Returns:
+      ``(sums [B], counts [B])``: the summed response log-prob and the response token count, each
+      averaged over the ``S`` samples of a pair (the Monte-Carlo estimate of ``E_{y~π_ref}[log πθ(y|x)]``).
+    """
+    b, s, t = samples.input_ids.shape
+    flat = lambda x: x.reshape(b * s, t)
+    lp = forward_logps(graphdef, params, rest, flat(samples.input_ids), flat(samples.segment_ids),
+                       flat(samples.positions), flat(samples.loss_mask), **chunks)
+    return lp.sums.reshape(b, s).mean(1), lp.counts.reshape(b, s).mean(1)
+
+
 def _split_micro(tree, k: int):
     """[B, ...] leaves -> [k, B/k, ...] with strided rows (row i -> micro-batch i % k)."""
 
@@ -101,7 +159,8 @@ def _split_micro(tree, k: int):
     return jax.tree.map(one, tree)
 
 
-def _loss_inputs(sums, counts, batch: PairBatch, ref_sums, bco_delta) -> LossInputs:
+def _loss_inputs(sums, counts, batch: PairBatch, ref_sums, bco_delta, samples=None) -> LossInputs:
+    """``samples``: None or ``(sums [B], counts [B])`` of the reference samples under the policy."""
     return LossInputs(
         policy_chosen_logps=sums[:, 0],
         policy_rejected_logps=sums[:, 1],
@@ -110,15 +169,22 @@ def _loss_inputs(sums, counts, batch: PairBatch, ref_sums, bco_delta) -> LossInp
         chosen_tokens=counts[:, 0],
         rejected_tokens=counts[:, 1],
         votes=batch.votes.astype(jnp.float32),
+        reference_sample_logps=None if samples is None else samples[0],
+        reference_sample_tokens=None if samples is None else samples[1],
         bco_delta=bco_delta,
     )
 
 
-def _denominators(composition: Composition, batch: PairBatch, uses_reference: bool, bco_delta) -> dict:
+def _denominators(composition: Composition, batch: PairBatch, uses_reference: bool, bco_delta,
+                  uses_samples: bool = False) -> dict:
     """Per-term ``sum(denom * mask)`` of the whole batch; denominators depend on counts only."""
-    counts = batch.loss_mask[..., 1:].sum(-1).astype(jnp.float32)  # [B, 2]
+    counts = pair_counts(batch)  # [B, 2]
     zeros = jnp.zeros_like(counts)
-    inputs = _loss_inputs(zeros, counts, batch, zeros if uses_reference else None, bco_delta)
+    samples = None
+    if uses_samples:
+        sample_counts = batch.ref_samples.loss_mask[..., 1:].sum(-1).astype(jnp.float32).mean(-1)  # [B]
+        samples = (zeros[:, 0], sample_counts)
+    inputs = _loss_inputs(zeros, counts, batch, zeros if uses_reference else None, bco_delta, samples)
     outs = composition.outputs(inputs)
     return {key: sum_ for key, (_, sum_) in composition.sums(outs, batch.example_mask).items()}
 
@@ -168,25 +234,51 @@ def make_preference_step(
         non-finite (counted in ``state.skipped``); ``stop`` applies nothing special here (the
         loop stops on ``metrics['nonfinite']``).
       bco_momentum: unused unless a ``bco_pair`` term is present (running mean of its rewards).
+
+    ``batch`` may be a padded :class:`~jaxpref.types.PairBatch` or a
+    :class:`~jaxpref.types.PackedPairBatch` (``data.packing``; same losses and gradients, see
+    ``tests/test_packing.py``); a packed batch is split into micro-batches along its interleaved
+    groups, so ``micro_batches`` must divide ``batch.groups``.
+
+    When a term needs reference samples (TYPO with λ > 0), every batch must carry
+    ``batch.ref_samples`` (:class:`~jaxpref.types.ReferenceSampleBatch`); they are scored by the
+    policy with gradients and logged as ``logps/reference_sample`` and ``reference_sample/kl``
+    (mean ``log π_ref(y) − log πθ(y)`` over the samples: the KL(π_ref ‖ πθ) estimate).
     """
     chunks = {"seq_chunk": seq_chunk, "vocab_chunk": vocab_chunk}
     uses_ref = reference != "none"
     bco_keys = [t.key for t in composition.terms if t.name == "bco_pair"]
+    sample_terms = needs_reference_samples(composition)
 
-    def step(state: TrainState, ref_params, batch: PairBatch, ref_logps):
-        dens = _denominators(composition, batch, uses_ref, state.bco_delta)
+    def step(state: TrainState, ref_params, batch: PairBatch | PackedPairBatch, ref_logps):
+        packed = isinstance(batch, PackedPairBatch)
+        if packed and (sample_terms or batch.groups % micro_batches):
+            raise ValueError(f"loss terms {list(sample_terms)} need reference samples, which packed batches do not "
+                             "carry (data.packing=false)" if sample_terms else
+                             f"train.micro_batches={micro_batches} must divide the packed batch's groups "
+                             f"({batch.groups}): pack with PackSpec(groups=micro_batches)")
+        if sample_terms and batch.ref_samples is None:
+            raise ValueError(f"loss terms {list(sample_terms)} need reference samples but batch.ref_samples is "
+                             "None: configure reference.samples (see jaxpref.training.reference_samples)")
+        n_seg = batch.num_segments if packed else None  # of the whole batch, also inside micro-batches
+        dens = _denominators(composition, batch, uses_ref, state.bco_delta, bool(sample_terms))
         n_valid = jnp.maximum(batch.example_mask.sum(), 1).astype(jnp.float32)
 
         def micro_loss(params, mb: PairBatch, mb_ref):
             with jax.named_scope("policy"):
-                sums, counts = pair_logps(graphdef, params, rest, mb, **chunks)
+                sums, counts = batch_pair_logps(graphdef, params, rest, mb, num_segments=n_seg, **chunks)
             ref_sums = None
             if reference == "live":
                 with jax.named_scope("reference"):
-                    ref_sums = jax.lax.stop_gradient(pair_logps(graphdef, ref_params, rest, mb, **chunks)[0])
+                    ref_sums = jax.lax.stop_gradient(
+                        batch_pair_logps(graphdef, ref_params, rest, mb, num_segments=n_seg, **chunks)[0])
             elif reference == "precomputed":
                 ref_sums = mb_ref
-            inputs = _loss_inputs(sums, counts, mb, ref_sums, state.bco_delta)
+            samples = None
+            if sample_terms:
+                with jax.named_scope("reference_samples"):
+                    samples = reference_sample_logps(graphdef, params, rest, mb.ref_samples, **chunks)
+            inputs = _loss_inputs(sums, counts, mb, ref_sums, state.bco_delta, samples)
             total, _, metrics = composition(inputs, mb.example_mask, denominators=dens)
             w = mb.example_mask.sum().astype(jnp.float32) / n_valid  # share of valid rows
             keep = mb.example_mask
@@ -194,6 +286,11 @@ def make_preference_step(
             metrics = {k: (v if k.startswith("loss/") else v * w) for k, v in metrics.items() if k != "loss"}
             metrics["logps/chosen"] = _masked_sum(sums[:, 0], keep) / n_valid
             metrics["logps/rejected"] = _masked_sum(sums[:, 1], keep) / n_valid
+            if samples is not None:
+                sample_lp = jax.lax.stop_gradient(samples[0])
+                metrics["logps/reference_sample"] = _masked_sum(sample_lp, keep) / n_valid
+                ref_lp = mb.ref_samples.reference_logps.mean(-1)
+                metrics["reference_sample/kl"] = _masked_sum(ref_lp - sample_lp, keep) / n_valid
             return total, metrics
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -221,6 +318,8 @@ def make_preference_step(
         metrics = {**metrics, **norms, "loss": loss,
                    "tokens": (batch.segment_ids != 0).sum().astype(jnp.float32),
                    "pairs": batch.example_mask.sum().astype(jnp.float32)}
+        if sample_terms:
+            metrics["sample_tokens"] = (batch.ref_samples.segment_ids != 0).sum().astype(jnp.float32)
         return new_state, metrics
 
     return step
