@@ -36,11 +36,14 @@ from jaxpref.data import synthetic as sb
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "demo" / "demo.yaml"
 
 
+WHOLE_SECTIONS = {"reference.samples"}  # None by default: set as one mapping, not key by key
+
+
 def _overrides(prefix: str, tree: dict) -> list[str]:
     """Flattens a nested mapping into dotted ``key=value`` overrides."""
     out = []
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" not in WHOLE_SECTIONS:
             out += _overrides(f"{prefix}{key}.", value)
         else:
             out.append(f"{prefix}{key}={json.dumps(value)}")  # JSON is YAML flow syntax
@@ -176,11 +179,14 @@ def run_demo(out: str | pathlib.Path = "runs/demo", *, config: str | pathlib.Pat
     final_logps = {}
     for name, loss in cfg["methods"].items():
         run_dir = out / "runs" / name
+        extra = cfg.get("method_overrides", {}).get(name, {})
+        if extra.get("reference", {}).get("samples") is not None:  # cache reference samples inside `out`
+            samples = {"cache_dir": str(out / "cache"), **extra["reference"]["samples"]}
+            extra = {**extra, "reference": {**extra["reference"], "samples": samples}}
         t = time.perf_counter()
         summary = run_training(_run_config([*common, f"run_dir={run_dir}", f"model.source=run:{sft_dir}",
                                             f"data.train={train_path}", f"loss={json.dumps(loss)}",
-                                            *_overrides("", cfg.get("method_overrides", {}).get(name, {}))],
-                                           cfg["preference"]), kind="preference")
+                                            *_overrides("", extra)], cfg["preference"]), kind="preference")
         timings[f"{name}_s"] = time.perf_counter() - t
         traj = _exact_trajectory(tb, run_dir, ref_logps, pref, reward)
         logps = final_logps[name] = traj.pop("final_logps")
