@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 from jax.sharding import Mesh
@@ -32,6 +34,22 @@ def abstract_model(config: ModelConfig) -> CausalLM:
     return nnx.eval_shape(lambda: model_class(config.family)(config, rngs=nnx.Rngs(0)))
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_init(config: ModelConfig, mesh: Mesh | None, rules):
+    """(graphdef, jitted init) per architecture and placement: repeated builds (trainers, tests, sweeps in
+    one process) reuse the compiled initialiser instead of tracing and compiling it again."""
+    cls = model_class(config.family)
+    graphdef, abstract_state = nnx.split(abstract_model(config))
+    shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
+
+    @jax.jit
+    def init(key):
+        state = nnx.state(cls(config, rngs=nnx.Rngs(params=key)))
+        return state if shardings is None else jax.lax.with_sharding_constraint(state, shardings)
+
+    return graphdef, init
+
+
 def build_model(config: ModelConfig, rngs: nnx.Rngs | int = 0, *, mesh: Mesh | None = None,
                 rules=DEFAULT_RULES) -> CausalLM:
     """A randomly initialised model (``normal(initializer_range)`` weights, unit norms, zero biases).
@@ -46,13 +64,8 @@ def build_model(config: ModelConfig, rngs: nnx.Rngs | int = 0, *, mesh: Mesh | N
       rules: logical-to-mesh rules.
     """
     key = jax.random.key(rngs) if isinstance(rngs, int) else rngs.params()
-    cls = model_class(config.family)
-    graphdef, abstract_state = nnx.split(abstract_model(config))
-    shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
-
-    @jax.jit
-    def init(key):
-        state = nnx.state(cls(config, rngs=nnx.Rngs(params=key)))
-        return state if shardings is None else jax.lax.with_sharding_constraint(state, shardings)
-
+    try:
+        graphdef, init = _cached_init(config, mesh, rules)
+    except TypeError:  # an unhashable config / rules: build (and compile) once for this call
+        graphdef, init = _cached_init.__wrapped__(config, mesh, rules)
     return nnx.merge(graphdef, init(key))
