@@ -98,11 +98,25 @@ def load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh=
         model, _ = gguf_io.load_gguf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **(overrides or {}))
         return LoadedModel(model, spec, f"gguf:{path}")
     if kind == "llama2c":
-        model, _ = models.load_llama2c(pathlib.Path(rest).expanduser())
-        return LoadedModel(model, spec, f"llama2c:{rest}")
+        return LoadedModel(models.load_llama2c(llama2c_checkpoint(spec), mesh=mesh), spec, None)
     if kind == "run":
         return load_run_model(rest, mesh=mesh)
     raise SpecError(f"model spec {spec!r}: {kind!r} is a tokenizer spec, not a model")
+
+
+def llama2c_checkpoint(spec: str) -> pathlib.Path:
+    """The ``.bin`` model file of ``llama2c:DIR`` (the one ``.bin`` that is not a ``tok*.bin`` tokenizer) or
+    ``llama2c:FILE.bin``; SpecError when there is none or several."""
+    path = pathlib.Path(spec.partition(":")[2]).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise SpecError(f"model spec {spec!r}: {path} is neither a llama2.c .bin file nor a directory")
+    bins = sorted(p for p in path.glob("*.bin") if not p.name.startswith("tok"))
+    if len(bins) != 1:
+        raise SpecError(f"model spec {spec!r}: expected exactly one model .bin (besides tok*.bin) in {path}, "
+                        f"found {[p.name for p in bins]}")
+    return bins[0]
 
 
 def parse_run_spec(rest: str) -> tuple[pathlib.Path, int | None]:

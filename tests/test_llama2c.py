@@ -127,3 +127,20 @@ def test_hf_export_matches_transformers(model, stories, tmp_path):
     with torch.no_grad():
         got = hf(torch.tensor(ref["token_ids"], dtype=torch.long)[None]).logits[0].numpy()
     np.testing.assert_allclose(got, ref["logits"], atol=1e-4, rtol=0)
+
+
+def test_llama2c_spec_loads_directory_or_file(model, stories, tmp_path):
+    """``llama2c:DIR`` and ``llama2c:FILE`` give the same weights as ``load_llama2c``; bad specs are SpecErrors."""
+    import jax
+    from flax import nnx
+
+    from jaxpref.loading import SpecError, load_model
+
+    want = jax.tree.leaves(nnx.state(model, nnx.Param))
+    for spec in (f"llama2c:{stories}", f"llama2c:{stories / 'stories260K.bin'}"):
+        got = jax.tree.leaves(nnx.state(load_model(spec).model, nnx.Param))
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(want, got)), spec
+    with pytest.raises(SpecError, match="exactly one model .bin"):
+        load_model(f"llama2c:{tmp_path}")
+    with pytest.raises(SpecError, match="neither"):
+        load_model(f"llama2c:{tmp_path / 'missing'}")
