@@ -79,6 +79,7 @@ def _run_config(base: list[str], section: dict):
     return load_config(RunConfig, None, [*base, *_overrides("", section)])
 
 
+REWARD_KEYS = ("reward_scale", "demonstrator_temperature", "reward_kind")  # testbed keys that are not TestbedConfig
 DEMO_KEYS = {"testbed", "model", "data", "sft", "preference", "methods", "method_overrides", "eval"}
 
 
@@ -91,7 +92,7 @@ def check_config(cfg: dict) -> None:
     unknown = set(cfg) - DEMO_KEYS
     if unknown:
         raise ConfigError(f"demo config: unknown sections {sorted(unknown)} (allowed: {sorted(DEMO_KEYS)})")
-    tbc = {k: v for k, v in cfg["testbed"].items() if k not in ("reward_scale", "demonstrator_temperature")}
+    tbc = {k: v for k, v in cfg["testbed"].items() if k not in REWARD_KEYS}
     try:
         sb.Testbed(sb.TestbedConfig(**tbc)).model_config(**cfg.get("model", {}))
     except (TypeError, ValueError) as err:
@@ -140,9 +141,10 @@ def run_demo(out: str | pathlib.Path = "runs/demo", *, config: str | pathlib.Pat
     report.mkdir(parents=True, exist_ok=True)
     tbc = dict(cfg["testbed"])
     reward_scale, temperature = tbc.pop("reward_scale"), tbc.pop("demonstrator_temperature")
+    reward_kind = tbc.pop("reward_kind", "iid")
     tb = sb.Testbed(sb.TestbedConfig(**tbc))
     seed = tb.config.seed
-    reward = sb.random_reward(tb, scale=reward_scale, seed=seed)
+    reward = sb.random_reward(tb, scale=reward_scale, seed=seed, kind=reward_kind)
     pref = sb.bt_preference(reward)
     timings = {}
 
@@ -216,7 +218,8 @@ def run_demo(out: str | pathlib.Path = "runs/demo", *, config: str | pathlib.Pat
 
     timings["total_s"] = time.perf_counter() - t0
     result = {
-        "testbed": repr(tb), "reward_scale": reward_scale, "demonstrator_temperature": temperature,
+        "testbed": repr(tb), "reward_scale": reward_scale, "reward_kind": reward_kind,
+        "demonstrator_temperature": temperature,
         "reference": {"exact_win_rate_vs_uniform": float(sb.win_rate(ref_logps, sb.uniform_logps(tb), pref)),
                       "exact_ranking_accuracy_eval": float(sb.exact_ranking_accuracy(ref_logps, eval_pairs)),
                       "idealized_ranking_accuracy_eval": {
