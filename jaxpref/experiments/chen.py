@@ -43,7 +43,6 @@ The verdict uses (a)–(c): (a) mean gap − 2 SE > ``gap_points``; (b) mean fli
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from typing import Any
@@ -57,6 +56,7 @@ from jaxpref.config import OptimConfig
 from jaxpref.data import synthetic
 from jaxpref.evaluation import pyplot
 from jaxpref.experiments import testbed_training as tt
+from jaxpref.experiments.runner import write_results
 from jaxpref.metrics import difficulty, ranking
 
 CLAIM = ("DPO-trained models rarely reach the ranking accuracy of the idealized DPO/RLHF optimum (a large "
@@ -330,7 +330,7 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
                "seeds": list(seeds), "params": dataclasses.asdict(p), "testbed": repr(testbed),
                "record_steps": p.train_config().record_steps.tolist(), "runs": per_run,
                "deviations": DEVIATIONS, "runtime_s": round(time.perf_counter() - t0, 1)}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
+    write_results(out_dir / "results.json", results)
     plot(per_run, p, out_dir)
     return {"claim": CLAIM, "reproduced": bool(all(checks.values())), "criterion": criterion,
             "numbers": headline(numbers, summary, p)}
@@ -414,13 +414,6 @@ def summarise(per_run: list[dict], p: ChenParams) -> tuple[dict, dict, dict]:
     numbers.update({f"check_{k}": v for k, v in checks.items()})
     return numbers, checks, summary
 
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray | jax.Array):
-        return np.asarray(x).tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 # ----------------------------------------------------------------------------- plots

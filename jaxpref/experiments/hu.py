@@ -48,7 +48,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import pathlib
 import time
 from typing import Any
@@ -62,6 +61,7 @@ from scipy.special import expit, log_softmax
 
 from jaxpref import losses
 from jaxpref.data import synthetic
+from jaxpref.experiments.runner import write_results
 
 Array = jax.Array
 TYPO_VARIANTS = ("typo", "typo_regression")
@@ -553,7 +553,7 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
     results = {"claim": CLAIM, "params": dataclasses.asdict(p), "seeds": seeds, "tolerance": tolerance,
                "solver_error": solver_error, "grad_max": grad_max, "typo": typo, "typo_mismatched_scale": mismatch,
                "dpo": dpo, "lm": lm, "timings_s": timings, "runtime_s": round(time.perf_counter() - start, 1)}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(out_dir / "results.json", results)
     _plot(out_dir, results)
     return {"claim": CLAIM, "reproduced": reproduced, "criterion": _criterion(p, tolerance, lm is not None),
             "numbers": _headline(p, results)}

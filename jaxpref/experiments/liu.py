@@ -36,7 +36,6 @@ Claims checked (final checkpoint, paired by seed; SE = sd / √seeds):
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from typing import Any
@@ -49,6 +48,7 @@ from jaxpref.config import OptimConfig
 from jaxpref.data import synthetic
 from jaxpref.evaluation import pyplot
 from jaxpref.experiments import testbed_training as tt
+from jaxpref.experiments.runner import write_results
 
 CLAIM = ("Adding an SFT (NLL) term on the chosen responses to DPO (RPO) keeps their likelihood higher than DPO does "
          "and gives a true win rate at least as high under a misspecified preference dataset.")
@@ -215,7 +215,7 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
                "params": dataclasses.asdict(p), "testbed": repr(testbed), "paper_eta": PAPER_ETA,
                "record_steps": p.train_config().record_steps.tolist(), "runs": per_run, "deviations": DEVIATIONS,
                "runtime_s": round(time.perf_counter() - t0, 1)}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
+    write_results(out_dir / "results.json", results)
     plot(per_run, p, out_dir)
     return {"claim": CLAIM, "reproduced": bool(all(checks.values())), "criterion": criterion,
             "numbers": headline(numbers, p)}
@@ -263,13 +263,6 @@ def summarise(per_run: list[dict], p: LiuParams, seeds: list[int]) -> tuple[dict
     numbers.update({f"check_{k}": v for k, v in checks.items()})
     return numbers, checks
 
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray | jax.Array):
-        return np.asarray(x).tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def plot(per_run: list[dict], p: LiuParams, out_dir: pathlib.Path) -> None:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import re
@@ -63,6 +62,7 @@ from flax import nnx
 from jaxpref import losses
 from jaxpref.config import OptimConfig
 from jaxpref.evaluation import pyplot
+from jaxpref.experiments.runner import write_results
 from jaxpref.generation import SamplingConfig, generate, left_pad
 from jaxpref.logprobs import masked_hidden_sums, sequence_logprobs
 from jaxpref.metrics.ches import ches_scores, quantile_window
@@ -521,7 +521,7 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
     results = {"claim": CLAIM, "criterion": criterion, "checks": checks, "numbers": numbers, "seeds": list(seeds),
                "params": dataclasses.asdict(p), "model_dir": str(model_dir), "single_token": single,
                "subsets": subsets, "deviations": DEVIATIONS}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
+    write_results(out_dir / "results.json", results)
     _plot(single, subsets, p, out_dir)
     return {"claim": CLAIM, "reproduced": bool(all(checks.values())), "criterion": criterion, "numbers": numbers}
 
@@ -534,13 +534,6 @@ DEVIATIONS = [
     "optax RMSProp adds eps inside the square root (torch adds it outside); eps = 1e-8 either way",
 ]
 
-
-def _jsonable(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def _plot(single: list[dict], subsets: list[dict], p: RazinParams, out_dir: pathlib.Path) -> None:

@@ -95,13 +95,22 @@ def run_experiment(exp: Experiment, out_dir: str | pathlib.Path, *, progress: bo
     summary = {"experiment": exp.module, "name": exp.name, "description": exp.description, "config": exp.source,
                "seeds": list(exp.seeds), "params": exp.params, **result,
                "runtime_s": round(time.perf_counter() - start, 1)}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=_jsonable) + "\n")
-    tmp.replace(out / "summary.json")
+    write_results(out / "summary.json", summary)
     return summary
 
 
-def _jsonable(x):
+def write_results(path: pathlib.Path, obj: dict) -> pathlib.Path:
+    """Writes ``obj`` as indented JSON atomically (temp file + rename); NumPy / JAX values become numbers
+    and lists. Every experiment writes its ``results.json`` through this."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=json_default) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def json_default(x):
+    """``json.dumps`` fallback for NumPy scalars / arrays and JAX arrays."""
     import numpy as np
 
     if isinstance(x, np.generic):

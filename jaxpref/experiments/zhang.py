@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import time
@@ -63,6 +62,7 @@ from jaxpref import losses
 from jaxpref.config import OptimConfig
 from jaxpref.data import synthetic
 from jaxpref.experiments import testbed_training as tt
+from jaxpref.experiments.runner import write_results
 from jaxpref.losses import wro
 from jaxpref.training.optim import make_optimizer
 
@@ -665,7 +665,7 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
                "w3": {"policy": p.budget_policy, "preference": p.budget_preference, "at": "π_ref", "rows": rows},
                "verdict": verdict, "job_seconds": study.jobs.seconds,
                "runtime_s": round(time.perf_counter() - start, 1)}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(out_dir / "results.json", results)
     _plot(out_dir, p, results)
     return {"claim": CLAIM, "reproduced": verdict["reproduced"], "criterion": verdict["criterion"],
             "numbers": verdict["numbers"]}
