@@ -119,21 +119,7 @@ def make_reward_step(graphdef, rest, optimizer: optax.GradientTransformation, *,
             w = mb.example_mask.sum().astype(jnp.float32) / n_valid  # micro-batch mean -> share of the batch
             return loss * w, {k: v * w for k, v in metrics.items()}
 
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        if micro_batches == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch)
-        else:
-            mbs = steplib._split_micro(batch, micro_batches)
-
-            def body(carry, mb):
-                g_acc, l_acc, m_acc = carry
-                (l, m), g = grad_fn(state.params, mb)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, m_acc, m)), None
-
-            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-            zeros_m = {k: jnp.zeros((), jnp.float32) for k in ("accuracy", "rewards/chosen", "rewards/rejected",
-                                                                 "rewards/margins")}
-            (grads, loss, metrics), _ = jax.lax.scan(body, (zeros_g, jnp.zeros(()), zeros_m), mbs)
+        loss, metrics, grads = steplib.accumulate_gradients(micro_loss, state.params, (batch,), micro_batches)
         new_state, norms = steplib._apply(state, grads, loss, optimizer, nan_policy, {})
         metrics = {**metrics, **norms, "loss": loss, "tokens": (batch.segment_ids != 0).sum().astype(jnp.float32),
                    "pairs": batch.example_mask.sum().astype(jnp.float32)}

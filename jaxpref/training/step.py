@@ -159,6 +159,33 @@ def _split_micro(tree, k: int):
     return jax.tree.map(one, tree)
 
 
+def accumulate_gradients(micro_loss: Callable, params, args: tuple, micro_batches: int):
+    """``(loss, aux, grads)`` of ``micro_loss(params, *args) -> (loss, aux)`` summed over micro-batches.
+
+    Each micro-batch returns its share of the batch loss (and of every aux metric), so the sums equal
+    the full-batch values; ``micro_batches > 1`` splits every ``[B, ...]`` leaf of ``args`` with
+    :func:`_split_micro` and accumulates gradients in a ``lax.scan`` (one micro-batch of activations
+    live at a time).
+    """
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if micro_batches == 1:
+        (loss, aux), grads = grad_fn(params, *args)
+        return loss, aux, grads
+    mbs = _split_micro(args, micro_batches)
+
+    def body(carry, xs):
+        g_acc, l_acc, a_acc = carry
+        (l, a), g = grad_fn(params, *xs)
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, a_acc, a)), None
+
+    first = jax.tree.map(lambda x: x[0], mbs)
+    aux_shape = jax.eval_shape(lambda: micro_loss(params, *first)[1])
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()),
+             jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
+    (grads, loss, aux), _ = jax.lax.scan(body, zeros, mbs)
+    return loss, aux, grads
+
+
 def _loss_inputs(sums, counts, batch: PairBatch, ref_sums, bco_delta, samples=None) -> LossInputs:
     """``samples``: None or ``(sums [B], counts [B])`` of the reference samples under the policy."""
     return LossInputs(
@@ -293,22 +320,7 @@ def make_preference_step(
                 metrics["reference_sample/kl"] = _masked_sum(ref_lp - sample_lp, keep) / n_valid
             return total, metrics
 
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        if micro_batches == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch, ref_logps)
-        else:
-            mbs = _split_micro((batch, ref_logps), micro_batches)
-
-            def body(carry, xs):
-                g_acc, l_acc, m_acc = carry
-                (l, m), g = grad_fn(state.params, *xs)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, m_acc, m)), None
-
-            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-            first = jax.tree.map(lambda x: x[0], mbs)
-            m_shape = jax.eval_shape(lambda: micro_loss(state.params, *first)[1])
-            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-            (grads, loss, metrics), _ = jax.lax.scan(body, (zeros_g, jnp.zeros(()), zeros_m), mbs)
+        loss, metrics, grads = accumulate_gradients(micro_loss, state.params, (batch, ref_logps), micro_batches)
         extra = {}
         if bco_keys:
             mean = metrics.get(f"{bco_keys[0]}/bco/reward_mean", state.bco_delta)
@@ -344,18 +356,7 @@ def make_sft_step(graphdef, rest, optimizer, *, micro_batches: int = 1, seq_chun
             nll = -lp.sums.sum() / total_tokens
             return nll, {"nll": jax.lax.stop_gradient(nll)}
 
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        if micro_batches == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch)
-        else:
-            def body(carry, mb):
-                g_acc, l_acc = carry
-                (l, _), g = grad_fn(state.params, mb)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
-
-            zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, loss), _ = jax.lax.scan(body, (zeros_g, jnp.zeros(())), _split_micro(batch, micro_batches))
-            metrics = {"nll": loss}
+        loss, metrics, grads = accumulate_gradients(micro_loss, state.params, (batch,), micro_batches)
         new_state, norms = _apply(state, grads, loss, optimizer, nan_policy, {})
         metrics = {**metrics, **norms, "loss": loss, "tokens": (batch.segment_ids != 0).sum().astype(jnp.float32),
                    "target_tokens": total_tokens}

@@ -433,22 +433,7 @@ def make_wro_step(graphdef, optimizer: optax.GradientTransformation, *, samples_
             share = keep.sum() / n_valid
             return loss * share, {name: v * share for name, v in metrics.items()}
 
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        if micro_batches == 1:
-            (loss, metrics), grads = grad_fn(state.params, grouped)
-        else:
-            mbs = steplib._split_micro(grouped, micro_batches)
-
-            def body(carry, mb):
-                g_acc, l_acc, m_acc = carry
-                (l, m), g = grad_fn(state.params, mb)
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, m_acc, m)), None
-
-            first = jax.tree.map(lambda x: x[0], mbs)
-            m_shape = jax.eval_shape(lambda: micro_loss(state.params, first)[1])
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()),
-                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape))
-            (grads, loss, metrics), _ = jax.lax.scan(body, zeros, mbs)
+        loss, metrics, grads = steplib.accumulate_gradients(micro_loss, state.params, (grouped,), micro_batches)
         new_state, norms = steplib._apply(state, grads, loss, optimizer, nan_policy, {})
         metrics = {**metrics, **norms, "loss": loss, "tokens": (rollout.segment_ids != 0).sum().astype(jnp.float32)}
         return new_state, metrics
