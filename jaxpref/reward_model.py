@@ -162,7 +162,7 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
         raise loop.RunError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                             f"train.micro_batches={cfg.train.micro_batches}")
     run_dir = loop.prepare_run_dir(cfg, resume)
-    loaded = load_model(cfg.model.source, overrides=cfg.model.overrides, seed=cfg.train.seed, mesh=mesh,
+    loaded = load_model(cfg.model.source, overrides=cfg.model.model_overrides(), seed=cfg.train.seed, mesh=mesh,
                         dtype=cfg.model.compute_dtype, param_dtype=cfg.model.param_dtype)
     tok_spec = cfg.model.tokenizer or loaded.tokenizer_spec
     tokenizer = load_tokenizer(tok_spec)
@@ -187,12 +187,13 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
     jitted = loop.per_shape(lambda batch: steplib.jit_step(
         fn, state_sh, (jax.tree.map(lambda x: parallel.batch_sharding(mesh, np.ndim(x)), batch),)))
 
-    def call(state, batch):
-        return jitted(batch)(state, parallel.shard_batch(batch, mesh))
+    def call(state, placed):
+        return jitted(placed)(state, placed)
 
     result = loop.run_steps(cfg, run_dir, state=state, it=it, checkpointer=checkpointer, call=call, steps=steps,
                             start=start, resume=resume, schedule=schedule, ckpt_meta={"config": to_dict(cfg)},
-                            desc="reward model", postfix=("loss", "accuracy"))
+                            desc="reward model", postfix=("loss", "accuracy"),
+                            place=lambda batch: parallel.shard_batch(batch, mesh))
     state, last = result.state, result.last
     summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
                "skipped_updates": int(state.skipped), "seconds": result.seconds}

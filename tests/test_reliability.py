@@ -25,7 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMON = ["model.source=preset:tiny_llama", "model.tokenizer=builtin", "model.overrides={vocab_size: 512}",
           "data.limit=24", "data.max_length=128", "data.buckets=[128]", "train.batch_size=8",
           "logging.progress=false", "logging.tensorboard=false", "train.seq_chunk=32", "train.vocab_chunk=256"]
-TIMING = {"tokens_per_s"}
+TIMING = {"tokens_per_s", "data_wait_s"}
 
 
 def _cli(run_dir, hh, *extra, env=None, resume=False):

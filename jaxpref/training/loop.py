@@ -49,6 +49,7 @@ from jaxpref.training import checkpoint as ckpt
 from jaxpref.training import optim, reference, reference_samples
 from jaxpref.training import step as steplib
 from jaxpref.training.logging import AsyncMetrics, MetricsWriter, progress_bar
+from jaxpref.training.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
                                 f"resume of {saved_model.parent}")
     run_dir = prepare_run_dir(cfg, resume)
 
-    loaded: LoadedModel = load_model(cfg.model.source, overrides=cfg.model.overrides, seed=cfg.train.seed, mesh=mesh,
-                                     dtype=cfg.model.compute_dtype, param_dtype=cfg.model.param_dtype)
+    loaded: LoadedModel = load_model(cfg.model.source, overrides=cfg.model.model_overrides(), seed=cfg.train.seed,
+                                     mesh=mesh, dtype=cfg.model.compute_dtype, param_dtype=cfg.model.param_dtype)
     tok_spec = cfg.model.tokenizer or loaded.tokenizer_spec
     tokenizer = load_tokenizer(tok_spec)
     check_vocab(loaded.model, tokenizer, tok_spec)
@@ -219,14 +220,17 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
 
     jitted = per_shape(build)
 
-    def call(state, batch):
-        placed = parallel.shard_batch(batch, mesh)
+    def place(batch):  # runs in the prefetch thread
+        rl = None
+        if ref_cache is not None:
+            rl = parallel.shard_batch(ref_cache.lookup(_positions(data, batch.index)), mesh)
+        return parallel.shard_batch(batch, mesh), rl
+
+    def call(state, placed):
+        batch, rl = placed
         if kind == "preference":
-            rl = None
-            if ref_cache is not None:
-                rl = parallel.shard_batch(ref_cache.lookup(_positions(data, batch.index)), mesh)
-            return jitted(batch)(state, ref_params, placed, rl)
-        return jitted(batch)(state, placed)
+            return jitted(batch)(state, ref_params, batch, rl)
+        return jitted(batch)(state, batch)
 
     after_step = None
     if kind == "preference" and cfg.reference.sync_every:
@@ -239,7 +243,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
 
     result = run_steps(cfg, run_dir, state=state, it=it, checkpointer=checkpointer, call=call, steps=steps,
                        start=start, resume=resume, schedule=schedule,
-                       ckpt_meta={"config": to_dict(cfg), "model": model_json}, after_step=after_step)
+                       ckpt_meta={"config": to_dict(cfg), "model": model_json}, after_step=after_step, place=place)
     state, last, elapsed = result.state, result.last, result.seconds
     tokens_total = result.tokens
     summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
@@ -342,12 +346,16 @@ class LoopResult:
 
 def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer, call, steps: int, start: int,
               resume: bool, schedule, ckpt_meta: dict, after_step=None, desc: str = "train",
-              postfix: tuple[str, ...] = ("loss", "tokens_per_s")) -> LoopResult:
-    """The step loop shared by every trainer: metrics fetched one step late, logging, progress bar,
-    the NaN stop policy, checkpoints (with the iterator state) and fault injection for tests.
+              postfix: tuple[str, ...] = ("loss", "tokens_per_s"), place=None) -> LoopResult:
+    """The step loop shared by every trainer: batches prefetched to the device
+    (:mod:`jaxpref.training.prefetch`, ``train.prefetch`` ahead), metrics fetched one step late,
+    logging, progress bar, the NaN stop policy, checkpoints (with the iterator state of the step's
+    own batch) and fault injection for tests.
 
     Args:
-      call: ``call(state, host_batch) -> (state, device metrics)``.
+      place: ``place(host_batch) -> step input`` (device placement, reference-cache lookup), run
+        ahead in the prefetch thread; default: the host batch itself.
+      call: ``call(state, place(host_batch)) -> (state, device metrics)``.
       ckpt_meta: extra JSON saved with every checkpoint (config, model).
       after_step: optional ``after_step(step, state)`` hook (e.g. reference syncing).
     """
@@ -382,28 +390,33 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
     # (asynchronous) checkpoint write of step N was started.
     kill_at = int(os.environ.get("JAXPREF_FAULT_KILL_AT_STEP", "0"))
     kill_after_save = int(os.environ.get("JAXPREF_FAULT_KILL_AFTER_SAVE_STEP", "0"))
+    feed = Prefetcher(it, place, depth=cfg.train.prefetch) if start < steps else None
     try:
         for s in range(start + 1, steps + 1):
             if s == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            batch = next(it)
+            t_wait = time.perf_counter()
+            item = next(feed)
             t0 = time.perf_counter()
-            state, metrics = call(state, batch)
+            state, metrics = call(state, item.placed)
+            metrics = {**metrics, "data_wait_s": t0 - t_wait}
             if cfg.train.nan_policy == "stop":
-                metrics = {**metrics, "_rows": batch.index}
+                metrics = {**metrics, "_rows": item.host.index}
             record(pending.push(s, metrics, t0))
             bar.update(1)
             if after_step is not None:
                 after_step(s, state)
             if checkpointer.should_save(s) or s == steps:
                 record(pending.flush())
-                meta = {"data_iterator": it.get_state(), "step": s, **ckpt_meta}
+                meta = {"data_iterator": item.iterator_state, "step": s, **ckpt_meta}
                 checkpointer.save(s, state, meta, force=(s == steps))
                 if s == kill_after_save:
                     os.kill(os.getpid(), signal.SIGKILL)
         record(pending.flush())
         checkpointer.wait()
     finally:
+        if feed is not None:
+            feed.close()
         bar.close()
         writer.close()
         checkpointer.close()
