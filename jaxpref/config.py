@@ -43,6 +43,9 @@ class ModelConfig:
       param_dtype: ``float32`` or ``bfloat16``.
       compute_dtype: ``float32`` or ``bfloat16``.
       remat: rematerialise each layer in the backward pass.
+      remat_policy: what a rematerialised layer keeps: ``full`` (only its input), ``dots_no_batch``
+        (the weight-matmul outputs) or ``dots`` (every matmul output); see
+        :class:`jaxpref.models.ModelConfig`.
     """
 
     source: str = "preset:tiny_llama"
@@ -51,6 +54,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
+
+    def model_overrides(self) -> dict[str, Any]:
+        """``overrides`` plus the rematerialisation settings: what model loading applies."""
+        extra = {"remat": True, "remat_policy": self.remat_policy} if self.remat else {}
+        return {**self.overrides, **extra}
 
 
 @dataclass(frozen=True)
@@ -216,6 +225,8 @@ class TrainLoopConfig:
       eval_every: eval cadence in steps (0 = only at the end, if ``data.eval`` is set).
       nan_policy: ``skip`` (drop the update, count it) or ``stop`` (save the batch ids and stop).
       seq_chunk, vocab_chunk: chunk sizes of :func:`jaxpref.logprobs.sequence_logprobs`.
+      prefetch: batches drawn and placed on the device ahead of the running step, in a background
+        thread (:mod:`jaxpref.training.prefetch`); 0 = synchronous. Resuming is exact either way.
     """
 
     steps: int = 0
@@ -228,6 +239,11 @@ class TrainLoopConfig:
     nan_policy: str = "skip"
     seq_chunk: int = 128
     vocab_chunk: int = 8192
+    prefetch: int = 2
+
+    def __post_init__(self):
+        if self.prefetch < 0:
+            raise ConfigError(f"train.prefetch={self.prefetch!r}: expected >= 0 (0 = no prefetch thread)")
 
 
 @dataclass(frozen=True)
@@ -328,6 +344,7 @@ _CHOICES = {
     "data.truncation": ("keep_end", "truncate_response", "drop"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.remat_policy": ("full", "dots_no_batch", "dots"),
     "train.nan_policy": ("skip", "stop"),
     "wro.competitor": ("reference", "self_play", "dataset"),
     "wro.dataset_responses": ("chosen", "rejected", "both"),

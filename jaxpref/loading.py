@@ -98,9 +98,9 @@ def load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh=
         model, _ = gguf_io.load_gguf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **(overrides or {}))
         return LoadedModel(model, spec, f"gguf:{path}")
     if kind == "llama2c":
-        return LoadedModel(models.load_llama2c(llama2c_checkpoint(spec), mesh=mesh), spec, None)
+        return LoadedModel(models.load_llama2c(llama2c_checkpoint(spec), mesh=mesh, **cfg_over), spec, None)
     if kind == "run":
-        return load_run_model(rest, mesh=mesh)
+        return load_run_model(rest, mesh=mesh, **cfg_over)
     raise SpecError(f"model spec {spec!r}: {kind!r} is a tokenizer spec, not a model")
 
 
@@ -124,8 +124,16 @@ def parse_run_spec(rest: str) -> tuple[pathlib.Path, int | None]:
     return pathlib.Path(path).expanduser(), (int(step) if step else None)
 
 
-def load_run_model(rest: str, mesh=None) -> LoadedModel:
-    """Policy of a jaxpref run checkpoint (``DIR`` or ``DIR@STEP``)."""
+# ModelConfig fields a ``run:`` spec may override: how the saved architecture is computed, not what it is.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy")
+
+
+def load_run_model(rest: str, mesh=None, **runtime) -> LoadedModel:
+    """Policy of a jaxpref run checkpoint (``DIR`` or ``DIR@STEP``).
+
+    ``runtime``: :data:`RUNTIME_FIELDS` overrides (compute / parameter dtype, rematerialisation);
+    the saved parameters are cast to ``param_dtype`` on restore. Architecture overrides are refused.
+    """
     from jaxpref.training.checkpoint import restore_params
 
     run_dir, step = parse_run_spec(rest)
@@ -134,6 +142,13 @@ def load_run_model(rest: str, mesh=None) -> LoadedModel:
         raise SpecError(f"run {run_dir}: no model.json (is this a jaxpref run directory?)")
     meta = json.loads(meta_path.read_text())
     config = models.ModelConfig.from_hf_config(meta["hf_config"])
+    fixed = {k: v for k, v in runtime.items() if k not in RUNTIME_FIELDS}
+    clash = {k: (v, getattr(config, k, None)) for k, v in fixed.items() if getattr(config, k, None) != v}
+    if clash:
+        raise SpecError(f"model spec run:{rest}: the architecture of a run is fixed by its model.json; only "
+                        f"{list(RUNTIME_FIELDS)} may differ, got " +
+                        ", ".join(f"{k}={v!r} (saved: {s!r})" for k, (v, s) in sorted(clash.items())))
+    config = config.replace(**{k: v for k, v in runtime.items() if k in RUNTIME_FIELDS})
     # Without a mesh the restore target can be abstract (no init program to compile: ~0.2 s instead of
     # several seconds on CPU); with one, a real init gives the target shardings.
     model = models.abstract_model(config) if mesh is None else models.build_model(config, rngs=0)

@@ -104,3 +104,28 @@ def test_dotted_overrides_into_lists():
                                         "data.buckets.0=64"])
     assert [(t.name, t.weight) for t in cfg.loss] == [("sigmoid", 1.0), ("sft", 0.2)]
     assert cfg.data.buckets[0] == 64
+
+
+def test_model_remat_settings_reach_model_loading(monkeypatch, tmp_path):
+    """``model.remat`` / ``model.remat_policy`` are applied by the trainers (they once were dead fields)."""
+    from jaxpref.training import loop
+
+    cfg = load_config(RunConfig, None, [f"run_dir={tmp_path / 'r'}", "model.remat=true",
+                                        "model.remat_policy=dots_no_batch", "model.overrides={num_layers: 1}"])
+    assert cfg.model.model_overrides() == {"num_layers": 1, "remat": True, "remat_policy": "dots_no_batch"}
+    assert load_config(RunConfig, None, []).model.model_overrides() == {}
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_load_model(spec, **kw):
+        seen.update(kw["overrides"])
+        raise Stop
+
+    monkeypatch.setattr(loop, "load_model", fake_load_model)
+    with pytest.raises(Stop):
+        loop.run_training(cfg, kind="sft")
+    assert seen == {"num_layers": 1, "remat": True, "remat_policy": "dots_no_batch"}
+    with pytest.raises(ConfigError, match="model.remat_policy"):
+        load_config(RunConfig, None, ["model.remat_policy=most"])

@@ -127,6 +127,28 @@ def _cli(tmp, name, hh, *extra, env=None, resume=False):
                           timeout=600)
 
 
+def test_run_spec_takes_runtime_overrides_and_refuses_architecture_changes(sft_then_dpo):
+    """``run:`` specs honour dtype / param_dtype / remat (they were silently ignored once) and refuse to
+    change the saved architecture; overrides equal to the saved values are accepted."""
+    from flax import nnx
+
+    from jaxpref.loading import SpecError, load_model
+
+    tmp, _, _ = sft_then_dpo
+    base = load_model(f"run:{tmp / 'sft'}").model
+    bf = load_model(f"run:{tmp / 'sft'}", dtype="bfloat16", param_dtype="bfloat16",
+                    overrides={"remat": True, "remat_policy": "dots", "vocab_size": 512}).model
+    assert (bf.config.dtype, bf.config.param_dtype, bf.config.remat, bf.config.remat_policy) == \
+        ("bfloat16", "bfloat16", True, "dots")
+    p32 = jax.tree.leaves(nnx.split(base, nnx.Param, ...)[1])
+    p16 = jax.tree.leaves(nnx.split(bf, nnx.Param, ...)[1])
+    assert all(x.dtype == jax.numpy.bfloat16 for x in p16)
+    for a, b in zip(p32, p16, strict=True):
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a), rtol=1e-2, atol=1e-3)
+    with pytest.raises(SpecError, match=r"vocab_size=1024 \(saved: 512\)"):
+        load_model(f"run:{tmp / 'sft'}", overrides={"vocab_size": 1024})
+
+
 def _final_params(run_dir):
     from jaxpref import loading
 

@@ -79,6 +79,10 @@ _EXPORT_ACT = {Family.GPT2: {"gelu_tanh": "gelu_new"}, Family.GEMMA: {"gelu_tanh
                Family.GPT_NEOX: {"gelu_tanh": "gelu_new"}}
 _DTYPES = ("float32", "bfloat16", "float16")
 
+# ``ModelConfig.remat_policy`` -> the ``jax.checkpoint`` policy's name in ``jax.checkpoint_policies``.
+REMAT_POLICIES = {"full": "nothing_saveable", "dots_no_batch": "dots_with_no_batch_dims_saveable",
+                  "dots": "dots_saveable"}
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -132,6 +136,10 @@ class ModelConfig:
       param_dtype: storage dtype of parameters [dtype, torch_dtype].
       dtype: compute dtype of activations and matmuls; norms, softmax and logits stay float32.
       remat: rematerialise each layer in the backward pass (``nnx.remat``).
+      remat_policy: what a rematerialised layer keeps from its forward (:data:`REMAT_POLICIES`):
+        ``full`` keeps only the layer input and recomputes everything; ``dots_no_batch`` keeps
+        the outputs of the weight matmuls (q/k/v/o, MLP) and recomputes attention and the
+        elementwise work; ``dots`` keeps every matmul output, attention scores included.
       initializer_range: std of the normal initialiser for random init [initializer_range].
       bos_token_id / eos_token_id / pad_token_id: carried for export and generation.
     """
@@ -159,6 +167,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -192,6 +201,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}: must be one of {sorted(REMAT_POLICIES)}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.sliding_window is not None and (f != Family.MISTRAL or self.sliding_window <= 0):

@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxpref.models import layers
 from jaxpref.models.base import KVCache, ModelOutput
-from jaxpref.models.config import Family, ModelConfig, rope_inv_freq
+from jaxpref.models.config import REMAT_POLICIES, Family, ModelConfig, rope_inv_freq
 from jaxpref.models.hf_keys import KeyTable
 from jaxpref.parallel import logical_param
 
@@ -51,6 +51,11 @@ class Block(nnx.Module):
             return x_btd + h + self.mlp(self.mlp_norm(x_btd)), cache
         x_btd = x_btd + h
         return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
+
+
+def _remat(fn, policy: str):
+    """``nnx.remat`` of one layer under a :data:`~jaxpref.models.config.REMAT_POLICIES` policy."""
+    return nnx.remat(fn, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]))
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -144,7 +149,7 @@ class CausalLM(nnx.Module):
             def run(block, x, mask, rope, kv, index, layer=i):
                 return block(x, mask=mask, rope=rope, cache=kv, layer=layer, index=index)
 
-            x, kv = (nnx.remat(run) if cfg.remat else run)(block, x, mask, rope, kv, index)
+            x, kv = (_remat(run, cfg.remat_policy) if cfg.remat else run)(block, x, mask, rope, kv, index)
 
         hidden = self.final_norm(x)
         logits = self.logits(hidden) if return_logits else None

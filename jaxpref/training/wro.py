@@ -530,7 +530,7 @@ def run_wro(cfg: RunConfig, *, resume: bool = False, judge: TokenJudge | None = 
         check_same_architecture(json.loads(saved_model.read_text()), cfg.model.source, cfg.model.overrides,
                                 f"resume of {saved_model.parent}")
     run_dir = loop.prepare_run_dir(cfg, resume)
-    loaded = load_model(cfg.model.source, overrides=cfg.model.overrides, seed=cfg.train.seed, mesh=mesh,
+    loaded = load_model(cfg.model.source, overrides=cfg.model.model_overrides(), seed=cfg.train.seed, mesh=mesh,
                         dtype=cfg.model.compute_dtype, param_dtype=cfg.model.param_dtype)
     tok_spec = cfg.model.tokenizer or loaded.tokenizer_spec
     tokenizer = load_tokenizer(tok_spec)
