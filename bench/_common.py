@@ -130,3 +130,26 @@ def pair_arrays(pairs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     mask = (seg.astype(bool) & (pos[None, None] >= plen[:, None, None])).astype(np.int32)
     return {"input_ids": ids * seg, "loss_mask": mask, "segment_ids": seg, "positions": (pos * seg).astype(np.int32),
             "example_mask": np.ones(b, bool), "votes": np.ones(b, np.float32), "index": np.arange(b, dtype=np.int32)}
+
+
+def op_profile(run, steps: int = 3) -> dict[str, float]:
+    """ms/step per XLA op kind (``ynn_fusion``, ``copy_bitcast_fusion``, ...) of ``run()`` from a perfetto
+    trace (the top 20). Needs ``XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true`` before JAX starts."""
+    import collections
+    import gzip
+    import re
+    import tempfile
+
+    import jax
+
+    out = tempfile.mkdtemp()
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+        for _ in range(steps):
+            run()
+    trace = json.load(gzip.open(next(pathlib.Path(out).rglob("*.trace.json.gz"))))
+    kinds: collections.Counter = collections.Counter()
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and not name.startswith("$") and "Execute" not in name and "Pjit" not in name:
+            kinds[re.sub(r"\.\d+$", "", name)] += e.get("dur", 0) / 1e3 / steps
+    return {k: round(v, 2) for k, v in kinds.most_common(20)}

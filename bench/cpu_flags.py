@@ -54,27 +54,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def op_profile(run, ids, steps: int = 3) -> dict[str, float]:
-    """ms/step per XLA op kind (``ynn_fusion``, ``copy_bitcast_fusion``, ...) from a perfetto trace."""
-    import collections
-    import gzip
-    import re
-
-    import jax
-
-    out = tempfile.mkdtemp()
-    with jax.profiler.trace(out, create_perfetto_trace=True):
-        for _ in range(steps):
-            run(ids)
-    trace = json.load(gzip.open(next(pathlib.Path(out).rglob("*.trace.json.gz"))))
-    kinds: collections.Counter = collections.Counter()
-    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
-        name = e.get("name", "")
-        if e.get("ph") == "X" and not name.startswith("$") and "Execute" not in name and "Pjit" not in name:
-            kinds[re.sub(r"\.\d+$", "", name)] += e.get("dur", 0) / 1e3 / steps
-    return {k: round(v, 2) for k, v in kinds.most_common(20)}
-
-
 def batch_ids(batch: int, seq: int, vocab: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, vocab, (batch, seq)).astype(np.int32)
 
@@ -149,7 +128,7 @@ def worker(args) -> None:
     first_loss = run(ids)
     first = time.perf_counter() - t0
     stats = _common.timeit(lambda: run(ids), warmup=args.warmup, repeats=args.steps)
-    extra = {"op_ms_per_step": op_profile(run, ids)} if args.worker == "profile" else {}
+    extra = {"op_ms_per_step": _common.op_profile(lambda: run(ids))} if args.worker == "profile" else {}
     if args.worker.startswith("torch"):
         import torch
 

@@ -72,8 +72,16 @@ def worker_jax(args, pairs) -> dict:
         if i >= args.warmup - 1:
             times.append(time.perf_counter() - t0)
         losses_.append(float(m["loss"]))
-    return {"step": _common.summarize(times), "first_step_incl_compile_s": compile_s, "losses": losses_,
-            "real_tokens": int(seg.sum()), "padded_tokens": int(seg.size)}
+    out = {"step": _common.summarize(times), "first_step_incl_compile_s": compile_s, "losses": losses_,
+           "real_tokens": int(seg.sum()), "padded_tokens": int(seg.size)}
+    if args.profile:
+        def one():
+            nonlocal state
+            state, m = fn(state, ref, batch, None)
+            jax.block_until_ready((state, m))
+
+        out["op_ms_per_step"] = _common.op_profile(one, steps=2)
+    return out
 
 
 def worker_trl(args, pairs) -> dict:
@@ -159,6 +167,8 @@ def main() -> None:
                    help="comma list of jax, trl, trl:N (TRL with torch.set_num_threads(N))")
     p.add_argument("--rounds", type=int, default=1, help="alternating jax/trl rounds (timings pooled)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/dpo_step_vs_trl.json)")
+    p.add_argument("--profile", action="store_true",
+                   help="also record jaxpref's ms/step per XLA op kind (perfetto trace; 2 extra steps)")
     p.add_argument("--worker", choices=("jax", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--torch-threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -175,6 +185,8 @@ def main() -> None:
         fw, _, threads = spec.partition(":")
         cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", fw, "--dir", d, "--torch-threads", threads or "0"]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        if args.profile and fw == "jax":
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
