@@ -56,7 +56,7 @@ from jaxpref.config import OptimConfig
 from jaxpref.data import synthetic
 from jaxpref.evaluation import pyplot
 from jaxpref.experiments import testbed_training as tt
-from jaxpref.experiments.runner import write_results
+from jaxpref.experiments.runner import params_from_dict, write_results
 from jaxpref.metrics import difficulty, ranking
 
 CLAIM = ("DPO-trained models rarely reach the ranking accuracy of the idealized DPO/RLHF optimum (a large "
@@ -119,11 +119,7 @@ class ChenParams:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ChenParams:
         """Builds the record from YAML ``params``; unknown keys and bad values raise ``ValueError``."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - fields)
-        if unknown:
-            raise ValueError(f"chen params: unknown keys {unknown}; valid: {sorted(fields)}")
-        p = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+        p = params_from_dict(cls, params, "chen")
         if 1.0 not in p.gammas:
             raise ValueError(f"chen params.gammas={p.gammas} must contain 1.0 (the DPO runs)")
         if p.pair_sampler not in SAMPLERS:

@@ -69,7 +69,7 @@ from jaxpref.experiments.hu_objectives import (
     solve_tabular,
     train_lm,
 )
-from jaxpref.experiments.runner import write_results
+from jaxpref.experiments.runner import params_from_dict, write_results
 
 TYPO_VARIANTS = ("typo", "typo_regression")
 SAMPLERS = ("reference", "uniform")
@@ -123,11 +123,7 @@ class HuParams:
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> HuParams:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - names)
-        if unknown:
-            raise ValueError(f"hu params: unknown keys {unknown}; allowed: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+        return params_from_dict(cls, params, "hu")
 
     def __post_init__(self):
         if not self.variants or set(self.variants) - set(TYPO_VARIANTS) or "typo" not in self.variants:

@@ -48,7 +48,7 @@ from jaxpref.config import OptimConfig
 from jaxpref.data import synthetic
 from jaxpref.evaluation import pyplot
 from jaxpref.experiments import testbed_training as tt
-from jaxpref.experiments.runner import write_results
+from jaxpref.experiments.runner import params_from_dict, write_results
 
 CLAIM = ("Adding an SFT (NLL) term on the chosen responses to DPO (RPO) keeps their likelihood higher than DPO does "
          "and gives a true win rate at least as high under a misspecified preference dataset.")
@@ -105,11 +105,7 @@ class LiuParams:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> LiuParams:
         """Builds the record from YAML ``params``; unknown keys and bad values raise ``ValueError``."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - fields)
-        if unknown:
-            raise ValueError(f"liu params: unknown keys {unknown}; valid: {sorted(fields)}")
-        p = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+        p = params_from_dict(cls, params, "liu")
         if not -1.0 <= p.label_reward_corr <= 1.0:
             raise ValueError(f"liu params.label_reward_corr must lie in [-1, 1], got {p.label_reward_corr}")
         if not 0.0 <= p.flip_rate <= 1.0:

@@ -62,7 +62,7 @@ from flax import nnx
 from jaxpref import losses
 from jaxpref.config import OptimConfig
 from jaxpref.evaluation import pyplot
-from jaxpref.experiments.runner import write_results
+from jaxpref.experiments.runner import params_from_dict, write_results
 from jaxpref.generation import SamplingConfig, generate, left_pad
 from jaxpref.logprobs import masked_hidden_sums, sequence_logprobs
 from jaxpref.metrics.ches import ches_scores, quantile_window
@@ -138,12 +138,7 @@ class RazinParams:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> RazinParams:
         """Builds the record from YAML ``params``; unknown keys and bad values raise ``ValueError``."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - set(fields))
-        if unknown:
-            raise ValueError(f"razin_single_token params: unknown keys {unknown}; valid: {sorted(fields)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-        p = cls(**values)
+        p = params_from_dict(cls, params, "razin_single_token")
         if p.prompts_per_seed > len(p.prompts):
             raise ValueError(f"params.prompts_per_seed={p.prompts_per_seed} exceeds the {len(p.prompts)} prompts")
         if any(s > p.steps or s < 1 for s in p.riser_steps):

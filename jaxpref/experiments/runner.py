@@ -44,6 +44,16 @@ class Experiment:
     source: str = ""
 
 
+
+def params_from_dict(cls: type, params: dict[str, Any], name: str):
+    """``cls(**params)`` for an experiment's frozen params dataclass: unknown keys raise ``ValueError``
+    naming ``name`` and the valid keys; YAML lists become tuples (hashable, as the defaults)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(f"{name} params: unknown keys {unknown}; valid: {sorted(fields)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+
 def load_experiment(path: str | pathlib.Path, overrides: Sequence[str] = (), *, ci: bool = False,
                     seeds: Sequence[int] | None = None) -> Experiment:
     """Reads ``path``; ``overrides`` are dotted ``params.KEY=VALUE`` (or ``seeds=[..]``) with YAML values."""

@@ -63,7 +63,7 @@ from flax import nnx
 
 from jaxpref.data import synthetic
 from jaxpref.experiments import testbed_training as tt
-from jaxpref.experiments.runner import write_results
+from jaxpref.experiments.runner import params_from_dict, write_results
 from jaxpref.experiments.zhang_training import (
     Setting,
     WroConfig,
@@ -130,12 +130,7 @@ class ZhangParams:
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ZhangParams:
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - set(names))
-        if unknown:
-            raise ValueError(f"zhang params: unknown keys {unknown}; allowed: {sorted(names)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-        return cls(**values)
+        return params_from_dict(cls, params, "zhang")
 
     def __post_init__(self):
         for name, allowed in (("preferences", PREFERENCES), ("policies", POLICIES),
