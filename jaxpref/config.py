@@ -31,13 +31,14 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Which model to train and how to hold it.
+class ModelRunConfig:
+    """The run config's ``model:`` section: which model to train and how to hold it (the architecture
+    itself is :class:`jaxpref.models.ModelConfig`).
 
     Attributes:
       source: ``preset:NAME`` (see :mod:`jaxpref.models.presets`), ``hf:DIR`` (an HF directory),
         ``gguf:FILE``, ``llama2c:DIR`` or ``run:RUN_DIR[@STEP]`` (a jaxpref checkpoint).
-      overrides: ModelConfig field overrides for ``preset:`` sources (e.g. ``{num_layers: 2}``).
+      overrides: :class:`jaxpref.models.ModelConfig` field overrides for ``preset:`` sources (e.g. ``{num_layers: 2}``).
       tokenizer: tokenizer source when it differs from ``source`` (same syntax), or ``byte``
         for the built-in byte tokenizer of synthetic runs.
       param_dtype: ``float32`` or ``bfloat16``.
@@ -196,8 +197,10 @@ class ReferenceConfig:
       source: reference model (same syntax as ``model.source``); None = the initial policy.
       cache_dir: where precomputed log-probs are cached (keyed by fingerprints).
       batch_size: batch size of the precompute pass (larger than training's: forward only).
-      sync_every: TR-DPO reference syncing every N steps (0 = never).
-      sync_alpha: soft update ``ref <- alpha * policy + (1 - alpha) * ref`` at each sync.
+      sync_every: TR-DPO reference syncing every N steps (0 = never). Needs ``strategy: live`` (the
+        reference params are updated); the synced reference is checkpointed, so ``--resume`` continues
+        with it.
+      sync_alpha: soft update ``ref <- alpha * policy + (1 - alpha) * ref`` at each sync, in (0, 1].
       samples: reference samples for TYPO's unsupervised term (:class:`ReferenceSamplesConfig`); None =
         off (a loss that needs them is then a config error). Drawn once from the initial reference.
     """
@@ -209,6 +212,17 @@ class ReferenceConfig:
     sync_every: int = 0
     sync_alpha: float = 1.0
     samples: ReferenceSamplesConfig | None = None
+
+    def __post_init__(self):
+        if self.sync_every < 0:
+            raise ConfigError(f"reference.sync_every={self.sync_every!r}: expected >= 0 (0 = never sync)")
+        if not 0.0 < self.sync_alpha <= 1.0:
+            raise ConfigError(f"reference.sync_alpha={self.sync_alpha!r}: expected a value in (0, 1]")
+        if self.sync_every and self.strategy in ("precomputed", "none"):
+            held = "cached log-probs" if self.strategy == "precomputed" else "no reference"
+            raise ConfigError(f"reference.sync_every={self.sync_every} needs reference params to update, but "
+                              f"reference.strategy={self.strategy} holds {held}: use reference.strategy=live "
+                              "or reference.sync_every=0")
 
 
 @dataclass(frozen=True)
@@ -325,7 +339,7 @@ class RunConfig:
     """A whole training run (``train.sft``, ``train.preference``, ``train.reward_model``, ``train.wro``)."""
 
     run_dir: str = "runs/default"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelRunConfig = field(default_factory=ModelRunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: list[LossTermConfig] = field(default_factory=lambda: [LossTermConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -36,15 +36,7 @@ from jaxpref import logprobs, models, parallel
 from jaxpref.config import RunConfig, load_config, to_dict
 from jaxpref.data.formats import PreferenceRecord
 from jaxpref.data.tokenize import tokenize_pairs
-from jaxpref.loading import (
-    SpecError,
-    check_vocab,
-    load_model,
-    load_tokenizer,
-    model_meta,
-    parse_run_spec,
-    single_device_target,
-)
+from jaxpref.loading import SpecError, load_tokenizer, parse_run_spec, single_device_target
 from jaxpref.training import checkpoint as ckpt
 from jaxpref.training import loop, optim
 from jaxpref.training import step as steplib
@@ -161,20 +153,13 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
     if cfg.train.batch_size % cfg.train.micro_batches:
         raise loop.RunError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                             f"train.micro_batches={cfg.train.micro_batches}")
-    run_dir = loop.prepare_run_dir(cfg, resume)
-    loaded = load_model(cfg.model.source, overrides=cfg.model.model_overrides(), seed=cfg.train.seed, mesh=mesh,
-                        dtype=cfg.model.compute_dtype, param_dtype=cfg.model.param_dtype)
-    tok_spec = cfg.model.tokenizer or loaded.tokenizer_spec
-    tokenizer = load_tokenizer(tok_spec)
-    check_vocab(loaded.model, tokenizer, tok_spec)
-    loaded.tokenizer_spec = tok_spec
-    if jax.process_index() == 0:
-        meta = {**model_meta(loaded), "reward_model": {"head": "linear_last_token", "loss": "bradley_terry"}}
-        (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    setup = loop.setup_run(cfg, mesh, resume=resume,
+                           extra_meta={"reward_model": {"head": "linear_last_token", "loss": "bradley_terry"}})
+    run_dir, tokenizer = setup.run_dir, setup.tokenizer
 
     data, data_summary = loop.load_data(cfg, tokenizer, run_dir, "preference")
     steps = loop.total_steps(cfg, len(data))
-    rm = RewardModel(loaded.model, seed=cfg.train.seed)
+    rm = RewardModel(setup.loaded.model, seed=cfg.train.seed)
     graphdef, params, rest = steplib.split_model(rm)
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
     state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)

@@ -1,11 +1,13 @@
 """Faults during training: repeated SIGKILLs (also during an async checkpoint write) resume from
-the last committed checkpoint and end bitwise equal to an uninterrupted run; disk-full and
-unwritable directories give clear errors and keep the last good checkpoint; the NaN guard; and
-bitwise determinism of two identical runs on CPU."""
+the last committed checkpoint and end bitwise equal to an uninterrupted run, also with TR-DPO
+reference syncing; disk-full and unwritable directories give clear errors and keep the last good
+checkpoint; the NaN guard; and bitwise determinism of two identical runs on CPU.
+
+The training subprocesses run on one CPU device and share the session's compilation cache
+(``subprocess_env``), so only the first of these identical tiny runs compiles."""
 
 import errno
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -28,12 +30,17 @@ COMMON = ["model.source=preset:tiny_llama", "model.tokenizer=builtin", "model.ov
 TIMING = {"tokens_per_s", "data_wait_s"}
 
 
-def _cli(run_dir, hh, *extra, env=None, resume=False):
+def _cli(run_dir, hh, base_env, *extra, env=None, resume=False):
     cmd = [sys.executable, "-m", "train.preference", f"run_dir={run_dir}", f"data.train={hh}", *COMMON,
            "train.steps=7", "checkpoint.every=2", "checkpoint.keep=3", "optim.lr=1e-3", *extra]
     cmd += ["--resume"] if resume else []
-    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=REPO, env={**base_env, **(env or {})}, capture_output=True, text=True,
                           timeout=600)
+
+
+def _resumed_at(out) -> int | None:
+    m = re.search(r"resumed .* at step (\d+)", out.stderr)
+    return int(m.group(1)) if m else None
 
 
 def _params(run_dir):
@@ -52,15 +59,15 @@ def hh(shared_data):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, hh):
+def uninterrupted(tmp_path_factory, hh, subprocess_env):
     run = tmp_path_factory.mktemp("rel") / "full"
-    out = _cli(run, hh)
+    out = _cli(run, hh, subprocess_env)
     assert out.returncode == 0, out.stderr[-2000:]
     return run
 
 
 @pytest.mark.slow
-def test_repeated_kills_resume_from_committed_checkpoints(tmp_path, hh, uninterrupted):
+def test_repeated_kills_resume_from_committed_checkpoints(tmp_path, hh, uninterrupted, subprocess_env):
     run = tmp_path / "killed"
     faults = [  # (fault, extra overrides)
         ({"JAXPREF_FAULT_KILL_AFTER_SAVE_STEP": "2"}, ()),  # during the async write of step 2
@@ -69,26 +76,49 @@ def test_repeated_kills_resume_from_committed_checkpoints(tmp_path, hh, uninterr
     ]
     resumed_at = []
     for i, (env, extra) in enumerate(faults):
-        out = _cli(run, hh, *extra, env=env, resume=i > 0)
+        out = _cli(run, hh, subprocess_env, *extra, env=env, resume=i > 0)
         assert out.returncode == -9, out.stderr[-2000:]
-        m = re.search(r"resumed .* at step (\d+)", out.stderr)
-        resumed_at.append(int(m.group(1)) if m else 0)
-    final = _cli(run, hh, resume=True)
+        resumed_at.append(_resumed_at(out) or 0)
+    final = _cli(run, hh, subprocess_env, resume=True)
     assert final.returncode == 0, final.stderr[-2000:]
     # Each resume started from a committed checkpoint at or before the previous kill point (an
     # async write still in flight at the kill is discarded, never used half-written).
     assert resumed_at[0] == 0 and resumed_at[1] in (0, 2) and resumed_at[2] == 4  # sync save of 4 before the kill
-    m = re.search(r"resumed .* at step (\d+)", final.stderr)
-    assert m and int(m.group(1)) in (4, 6)
+    assert _resumed_at(final) in (4, 6)
     for a, b in zip(_params(uninterrupted), _params(run)):
         np.testing.assert_array_equal(a, b)
     assert _metrics(run) == _metrics(uninterrupted)
 
 
 @pytest.mark.slow
-def test_two_identical_runs_are_bitwise_equal(tmp_path, hh, uninterrupted):
+def test_kill_and_resume_with_reference_sync_is_bitwise_equal(tmp_path, hh, uninterrupted, subprocess_env):
+    """TR-DPO (reference.sync_every=3): the reference synced after step 3 is checkpointed with step 4;
+    a run killed before step 5 resumes at step 4 with that reference, not the initial one, and ends
+    bitwise equal to the uninterrupted run."""
+    sync = ("reference.sync_every=3", "reference.sync_alpha=0.5", "train.steps=5")
+    full = tmp_path / "sync_full"
+    out = _cli(full, hh, subprocess_env, *sync)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # The sync happened: steps 1-3 match the run without syncing, step 4 (new reference) does not.
+    plain, synced = _metrics(uninterrupted), _metrics(full)
+    assert synced[:3] == plain[:3] and synced[3]["loss"] != plain[3]["loss"]
+    killed = tmp_path / "sync_killed"
+    out = _cli(killed, hh, subprocess_env, *sync, "checkpoint.async_save=false",
+               env={"JAXPREF_FAULT_KILL_AT_STEP": "5"})  # sync saves: step 4 is committed at the kill
+    assert out.returncode == -9, out.stderr[-2000:]
+    assert (killed / "checkpoints" / "4" / ckpt.REFERENCE_ITEM).is_dir()
+    final = _cli(killed, hh, subprocess_env, *sync, resume=True)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert _resumed_at(final) == 4 and "restored the synced reference of step 4" in final.stderr
+    assert _metrics(killed) == synced  # every metric, every step, bitwise
+    for a, b in zip(_params(full), _params(killed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_two_identical_runs_are_bitwise_equal(tmp_path, hh, uninterrupted, subprocess_env):
     again = tmp_path / "again"
-    out = _cli(again, hh)
+    out = _cli(again, hh, subprocess_env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert _metrics(again) == _metrics(uninterrupted)  # every metric, every step, bitwise
     for a, b in zip(_params(uninterrupted), _params(again)):

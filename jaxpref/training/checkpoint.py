@@ -1,11 +1,13 @@
 """Orbax checkpoints of a run: train state + JSON metadata, atomic, async, keep-N.
 
-A checkpoint step directory holds ``state/`` (params, optimizer state, step, RNG, loss state:
-sharded arrays written by Orbax) and ``meta/`` (JSON: data-iterator state, resolved config,
-model config, tokenizer source, wall-clock). Orbax writes each step into a temporary directory
-and renames it on commit, so a run killed mid-write leaves only complete checkpoints behind;
-:meth:`RunCheckpointer.latest_step` only ever returns committed steps. Restoring targets the
-shardings of a freshly built state, so a run may resume on a different mesh.
+A checkpoint step directory holds ``params/`` (the policy), ``train/`` (optimizer state, step,
+RNG, loss state: sharded arrays written by Orbax), ``meta/`` (JSON: data-iterator state, resolved
+config, model config, tokenizer source, wall-clock) and, in TR-DPO runs (``reference.sync_every``),
+``reference/`` (the synced reference params, so a resumed run continues with them). Orbax
+writes each step into a temporary directory and renames it on commit, so a run killed mid-write
+leaves only complete checkpoints behind; :meth:`RunCheckpointer.latest_step` only ever returns
+committed steps. Restoring targets the shardings of a freshly built state, so a run may resume on
+a different mesh.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+REFERENCE_ITEM = "reference"  # the synced reference params of a TR-DPO run (reference.sync_every)
 
 
 class CheckpointError(RuntimeError):
@@ -61,19 +65,22 @@ class RunCheckpointer:
     def should_save(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, meta: dict, *, force: bool = False, reference: Any = None) -> bool:
         """Saves ``state`` and ``meta`` at ``step`` if due (or ``force``). Returns whether it saved.
 
         The policy params are a separate item (``params/``) so evaluation can read them without
-        knowing the optimizer; the rest of the state is ``train/``.
+        knowing the optimizer; the rest of the state is ``train/``. ``reference``: the (synced)
+        reference params of a TR-DPO run, saved as the item ``reference/`` (None: no such item).
         """
         if not (force or self.should_save(step)):
             return False
         if step in self.all_steps():
             return False
-        args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
-                                  train=ocp.args.StandardSave(state.replace(params=None)),
-                                  meta=ocp.args.JsonSave(meta))
+        items = {"params": ocp.args.StandardSave(state.params),
+                 "train": ocp.args.StandardSave(state.replace(params=None)), "meta": ocp.args.JsonSave(meta)}
+        if reference is not None:
+            items[REFERENCE_ITEM] = ocp.args.StandardSave(reference)
+        args = ocp.args.Composite(**items)
         try:
             self._mngr.save(step, args=args, force=True)
         except OSError as err:
@@ -113,6 +120,23 @@ class RunCheckpointer:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this run's model/"
                                   f"optimizer state: {str(err).splitlines()[0]}") from None
         return out.train.replace(params=out.params), dict(out.meta), step
+
+    def has_reference(self, step: int) -> bool:
+        """Whether checkpoint ``step`` holds a ``reference/`` item (TR-DPO runs)."""
+        return (self._mngr.directory / str(step) / REFERENCE_ITEM).is_dir()
+
+    def restore_reference(self, template: Any, step: int) -> Any:
+        """The reference params saved at ``step`` (:meth:`save` with ``reference=``), into the structure
+        and shardings of ``template`` (e.g. the initial reference)."""
+        if not self.has_reference(step):
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} holds no reference params "
+                                  "(it was written with reference.sync_every=0 or by an older jaxpref)")
+        args = ocp.args.Composite(**{REFERENCE_ITEM: ocp.args.StandardRestore(_abstract(template))})
+        try:
+            return self._mngr.restore(step, args=args)[REFERENCE_ITEM]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"reference params of checkpoint step {step} in {self.directory} do not match "
+                                  f"this run's reference model: {str(err).splitlines()[0]}") from None
 
     def restore_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

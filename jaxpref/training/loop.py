@@ -10,8 +10,9 @@ A run directory holds::
 
 Everything device-side is in :mod:`jaxpref.training.step`; this module wires config, data,
 model, mesh, checkpoints and logging around it. ``--resume`` restores params, optimizer state,
-step, RNG and the data-iterator position, so the resumed run sees exactly the batches it would
-have seen and ends with the same parameters (bitwise on CPU).
+step, RNG, the data-iterator position and (TR-DPO, ``reference.sync_every``) the synced reference,
+so the resumed run sees exactly the batches and reference it would have seen and ends with the
+same parameters (bitwise on CPU).
 """
 
 from __future__ import annotations
@@ -127,12 +128,12 @@ def _composition(cfg: RunConfig):
         raise RunError(f"loss config: {err}") from None
 
 
-def _check_reference(cfg: RunConfig, comp) -> None:
-    ref_free = {"simpo", "orpo", "sft", "nll_sum", "nll_token_mean", "typo", "typo_regression"}
-    needs_ref = any(t.name not in ref_free for t in comp.terms)
-    if cfg.reference.strategy == "none" and needs_ref:
-        names = [t.name for t in comp.terms if t.name not in ref_free]
-        raise RunError(f"reference.strategy=none but loss terms {names} need reference log-probs")
+def check_reference(cfg: RunConfig, comp) -> None:
+    """RunError when ``reference.strategy=none`` but a term reads reference log-probs (its registered
+    ``requires``, :func:`jaxpref.training.reference.reference_terms`)."""
+    names = reference.reference_terms(comp)
+    if cfg.reference.strategy == "none" and names:
+        raise RunError(f"reference.strategy=none but loss terms {list(names)} need reference log-probs")
 
 
 def _check_reference_samples(cfg: RunConfig, comp) -> tuple[str, ...]:
@@ -145,6 +146,73 @@ def _check_reference_samples(cfg: RunConfig, comp) -> tuple[str, ...]:
     if not terms and cfg.reference.samples is not None:
         log.warning("reference.samples is set but no loss term uses reference samples: not sampling")
     return terms
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """What :func:`setup_run` hands every trainer: the run directory, the loaded model (its
+    ``tokenizer_spec`` resolved), the tokenizer and the ``model.json`` contents."""
+
+    run_dir: pathlib.Path
+    loaded: LoadedModel
+    tokenizer: Any
+    model_json: dict[str, Any]
+
+
+def setup_run(cfg: RunConfig, mesh, *, resume: bool, extra_meta: dict[str, Any] | None = None) -> RunSetup:
+    """The model side of a run, shared by every trainer (preference, SFT, reward model, WRO).
+
+    Before anything is built: a ``model.tokenizer`` whose vocabulary exceeds the configured model's
+    and, on ``resume``, a model whose architecture differs from the run's ``model.json`` are
+    SpecErrors. Then prepares the run directory (:func:`prepare_run_dir`), loads the model onto
+    ``mesh`` and the tokenizer (``model.tokenizer`` or the model's own), checks the vocabulary
+    again on the built model and writes ``model.json`` (:func:`jaxpref.loading.model_meta` plus
+    ``extra_meta``).
+    """
+    m = cfg.model
+    tokenizer = load_tokenizer(m.tokenizer) if m.tokenizer else None
+    if tokenizer is not None:  # fail on a vocabulary mismatch before building (compiling) anything
+        check_vocab_before_build(m.source, m.overrides, tokenizer, m.tokenizer)
+    saved_model = pathlib.Path(cfg.run_dir).expanduser() / "model.json"
+    if resume and saved_model.is_file():  # a different model fails before anything is built
+        check_same_architecture(json.loads(saved_model.read_text()), m.source, m.overrides,
+                                f"resume of {saved_model.parent}")
+    run_dir = prepare_run_dir(cfg, resume)
+    loaded = load_model(m.source, overrides=m.model_overrides(), seed=cfg.train.seed, mesh=mesh,
+                        dtype=m.compute_dtype, param_dtype=m.param_dtype)
+    loaded.tokenizer_spec = m.tokenizer or loaded.tokenizer_spec
+    if tokenizer is None:
+        tokenizer = load_tokenizer(loaded.tokenizer_spec)
+    check_vocab(loaded.model, tokenizer, loaded.tokenizer_spec)
+    model_json = {**model_meta(loaded), **(extra_meta or {})}
+    if jax.process_index() == 0:
+        (run_dir / "model.json").write_text(json.dumps(model_json, indent=2))
+    return RunSetup(run_dir, loaded, tokenizer, model_json)
+
+
+def _check_syncable(cfg: RunConfig, ref_params, policy_params) -> None:
+    """RunError unless the reference has the policy's parameter structure and shapes (TR-DPO mixes them)."""
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
+    if jax.tree.structure(ref_params) != jax.tree.structure(policy_params) or \
+            shapes(ref_params) != shapes(policy_params):
+        raise RunError(f"reference.sync_every={cfg.reference.sync_every} mixes the policy into the reference, but "
+                       f"reference.source={cfg.reference.source} has other parameters than model.source="
+                       f"{cfg.model.source}")
+
+
+def _restore_synced_reference(cfg: RunConfig, checkpointer: ckpt.RunCheckpointer, ref_params, start: int):
+    """The reference a resumed TR-DPO run continues with: the synced one saved at ``start`` (the
+    initial one when no sync happened before ``start``)."""
+    if start == 0:
+        return ref_params
+    if checkpointer.has_reference(start):
+        log.info("restored the synced reference of step %d", start)
+        return checkpointer.restore_reference(ref_params, start)
+    if start >= cfg.reference.sync_every:
+        raise RunError(f"resume of {checkpointer.directory.parent} at step {start}: reference.sync_every="
+                       f"{cfg.reference.sync_every} synced the reference before that step, but the checkpoint holds "
+                       "no synced reference (written with reference.sync_every=0 or by an older jaxpref)")
+    return ref_params
 
 
 def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = False) -> dict[str, Any]:
@@ -160,31 +228,15 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     comp = _composition(cfg) if kind == "preference" else None
     sample_terms: tuple[str, ...] = ()
     if comp is not None:
-        _check_reference(cfg, comp)
+        check_reference(cfg, comp)
         sample_terms = _check_reference_samples(cfg, comp)
     _check_packing(cfg, kind, sample_terms)
-    if cfg.model.tokenizer:  # fail on a vocabulary mismatch before building (compiling) anything
-        check_vocab_before_build(cfg.model.source, cfg.model.overrides, load_tokenizer(cfg.model.tokenizer),
-                                 cfg.model.tokenizer)
-    saved_model = pathlib.Path(cfg.run_dir).expanduser() / "model.json"
-    if resume and saved_model.is_file():  # a different model fails before anything is built
-        check_same_architecture(json.loads(saved_model.read_text()), cfg.model.source, cfg.model.overrides,
-                                f"resume of {saved_model.parent}")
-    run_dir = prepare_run_dir(cfg, resume)
-
-    loaded: LoadedModel = load_model(cfg.model.source, overrides=cfg.model.model_overrides(), seed=cfg.train.seed,
-                                     mesh=mesh, dtype=cfg.model.compute_dtype, param_dtype=cfg.model.param_dtype)
-    tok_spec = cfg.model.tokenizer or loaded.tokenizer_spec
-    tokenizer = load_tokenizer(tok_spec)
-    check_vocab(loaded.model, tokenizer, tok_spec)
-    loaded.tokenizer_spec = tok_spec
-    model_json = model_meta(loaded)
-    if jax.process_index() == 0:
-        (run_dir / "model.json").write_text(json.dumps(model_json, indent=2))
+    setup = setup_run(cfg, mesh, resume=resume)
+    run_dir, tokenizer, model_json = setup.run_dir, setup.tokenizer, setup.model_json
 
     data, data_summary = load_data(cfg, tokenizer, run_dir, kind)
     steps = total_steps(cfg, len(data))
-    graphdef, params, rest = steplib.split_model(loaded.model)
+    graphdef, params, rest = steplib.split_model(setup.loaded.model)
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
     state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
     ref_params, ref_cache = None, None
@@ -196,6 +248,10 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         samples = _sample_reference(cfg, graphdef, rest, sample_params, data, tokenizer)
     it = open_iterator(cfg, data, ref_samples=samples, packing=pack_spec(cfg, data, mesh))
     checkpointer, state, start = open_checkpoints(cfg, run_dir, state, it, resume)
+    syncing = kind == "preference" and cfg.reference.sync_every > 0  # live strategy (config check)
+    if syncing:
+        _check_syncable(cfg, ref_params, state.params)
+        ref_params = _restore_synced_reference(cfg, checkpointer, ref_params, start)
     if kind == "preference" and cfg.reference.strategy == "precomputed":
         ref_cache = _precompute(cfg, graphdef, rest, ref_params, data, mesh)
         ref_params = None
@@ -233,8 +289,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         return jitted(batch)(state, batch)
 
     after_step = None
-    if kind == "preference" and cfg.reference.sync_every:
-        sync = jax.jit(reference.sync_reference, static_argnums=2)  # built once, not per sync
+    if syncing:  # built once, not per sync; the synced reference keeps its shardings
+        sync = jax.jit(reference.sync_reference, static_argnums=2, out_shardings=parallel.tree_shardings(ref_params))
 
         def after_step(s, state):
             nonlocal ref_params
@@ -243,7 +299,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
 
     result = run_steps(cfg, run_dir, state=state, it=it, checkpointer=checkpointer, call=call, steps=steps,
                        start=start, resume=resume, schedule=schedule,
-                       ckpt_meta={"config": to_dict(cfg), "model": model_json}, after_step=after_step, place=place)
+                       ckpt_meta={"config": to_dict(cfg), "model": model_json}, after_step=after_step, place=place,
+                       reference=(lambda: ref_params) if syncing else None)
     state, last, elapsed = result.state, result.last, result.seconds
     tokens_total = result.tokens
     summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
@@ -346,7 +403,8 @@ class LoopResult:
 
 def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer, call, steps: int, start: int,
               resume: bool, schedule, ckpt_meta: dict, after_step=None, desc: str = "train",
-              postfix: tuple[str, ...] = ("loss", "tokens_per_s"), place=None) -> LoopResult:
+              postfix: tuple[str, ...] = ("loss", "tokens_per_s"), place=None,
+              reference: Callable[[], Any] | None = None) -> LoopResult:
     """The step loop shared by every trainer: batches prefetched to the device
     (:mod:`jaxpref.training.prefetch`, ``train.prefetch`` ahead), metrics fetched one step late,
     logging, progress bar, the NaN stop policy, checkpoints (with the iterator state of the step's
@@ -358,6 +416,8 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
       call: ``call(state, place(host_batch)) -> (state, device metrics)``.
       ckpt_meta: extra JSON saved with every checkpoint (config, model).
       after_step: optional ``after_step(step, state)`` hook (e.g. reference syncing).
+      reference: ``reference() -> params`` saved with every checkpoint (after ``after_step`` ran), for
+        runs whose reference changes (TR-DPO syncing); None: no reference item.
     """
     writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                            config=to_dict(cfg), resume_step=start if resume else None)
@@ -409,7 +469,8 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
             if checkpointer.should_save(s) or s == steps:
                 record(pending.flush())
                 meta = {"data_iterator": item.iterator_state, "step": s, **ckpt_meta}
-                checkpointer.save(s, state, meta, force=(s == steps))
+                checkpointer.save(s, state, meta, force=(s == steps),
+                                  reference=None if reference is None else reference())
                 if s == kill_after_save:
                     os.kill(os.getpid(), signal.SIGKILL)
         record(pending.flush())

@@ -1,5 +1,8 @@
 """Reference strategies: live frozen params, precomputed (cached) log-probs, or none.
 
+Which loss terms need reference log-probs at all is read from each registered loss's ``requires``
+(:func:`reference_terms`), so a new reference-free loss needs no list to be edited here.
+
 Precomputed reference log-probs are computed once with a forward-only pass (larger batches
 than training), saved to ``<cache_dir>/<key>.npz`` and reused by every later run and resume
 whose key matches. The key is a SHA-256 over three fingerprints:
@@ -23,6 +26,9 @@ from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
+
+from jaxpref.losses import Composition, get
+from jaxpref.losses.registry import REFERENCE
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +125,9 @@ class ReferenceLogpCache:
 def sync_reference(ref_params, params, alpha: float):
     """TR-DPO reference update ``ref <- alpha * policy + (1 - alpha) * ref`` (Gorbatovski et al. 2024)."""
     return jax.tree.map(lambda r, p: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), ref_params, params)
+
+
+def reference_terms(composition: Composition) -> tuple[str, ...]:
+    """Keys of the terms of ``composition`` that read reference log-probs: those whose registered
+    ``requires`` (:func:`jaxpref.losses.register`) names a ``LossInputs.reference_*_logps`` field."""
+    return tuple(t.key for t in composition.terms if set(REFERENCE) & set(get(t.name).requires))

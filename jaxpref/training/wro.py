@@ -30,7 +30,6 @@ import collections
 import dataclasses
 import json
 import logging
-import pathlib
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -48,15 +47,7 @@ from jaxpref.data import formats as data_formats
 from jaxpref.data.formats import SFTRecord
 from jaxpref.data.tokenize import tokenize_sft
 from jaxpref.generation import SamplingConfig, generate, left_pad
-from jaxpref.loading import (
-    SpecError,
-    check_same_architecture,
-    check_vocab,
-    check_vocab_before_build,
-    load_model,
-    load_tokenizer,
-    model_meta,
-)
+from jaxpref.loading import SpecError
 from jaxpref.losses import wro as wro_losses
 from jaxpref.training import loop, optim
 from jaxpref.training import step as steplib
@@ -502,6 +493,8 @@ def check_wro_config(cfg: RunConfig, n_batch_devices: int = 1, has_judge: bool =
          "reference.strategy=precomputed: WRO scores fresh samples every step; use live"),
         (cfg.reference.strategy == "none" and (w.beta > 0 or w.competitor == "reference"),
          f"reference.strategy=none, but wro.beta={w.beta} and wro.competitor={w.competitor!r} need the reference"),
+        (cfg.reference.sync_every > 0, f"reference.sync_every={cfg.reference.sync_every}: train.wro keeps its "
+                                       "reference frozen (TR-DPO syncing is train.preference's); set it to 0"),
         (jax.process_count() > 1, "train.wro runs in a single process (host-side judging is not sharded yet)"),
     ]
     for bad, message in problems:
@@ -522,22 +515,8 @@ def run_wro(cfg: RunConfig, *, resume: bool = False, judge: TokenJudge | None = 
     except ValueError as err:
         raise RunError(f"{err} (jax sees {jax.device_count()} devices)") from None
     check_wro_config(cfg, int(np.prod([mesh.shape[a] for a in ("data", "fsdp")])), has_judge=judge is not None)
-    if cfg.model.tokenizer:
-        check_vocab_before_build(cfg.model.source, cfg.model.overrides, load_tokenizer(cfg.model.tokenizer),
-                                 cfg.model.tokenizer)
-    saved_model = pathlib.Path(cfg.run_dir).expanduser() / "model.json"
-    if resume and saved_model.is_file():
-        check_same_architecture(json.loads(saved_model.read_text()), cfg.model.source, cfg.model.overrides,
-                                f"resume of {saved_model.parent}")
-    run_dir = loop.prepare_run_dir(cfg, resume)
-    loaded = load_model(cfg.model.source, overrides=cfg.model.model_overrides(), seed=cfg.train.seed, mesh=mesh,
-                        dtype=cfg.model.compute_dtype, param_dtype=cfg.model.param_dtype)
-    tok_spec = cfg.model.tokenizer or loaded.tokenizer_spec
-    tokenizer = load_tokenizer(tok_spec)
-    check_vocab(loaded.model, tokenizer, tok_spec)
-    loaded.tokenizer_spec = tok_spec
-    model_json = model_meta(loaded)
-    (run_dir / "model.json").write_text(json.dumps(model_json, indent=2))
+    setup = loop.setup_run(cfg, mesh, resume=resume)
+    run_dir, tokenizer, model_json = setup.run_dir, setup.tokenizer, setup.model_json
 
     table = load_prompt_table(cfg, tokenizer)
     if len(table) == 0:
@@ -551,7 +530,7 @@ def run_wro(cfg: RunConfig, *, resume: bool = False, judge: TokenJudge | None = 
     collector = RolloutCollector(cfg, table, tokenizer, judge, judge_name)
 
     steps = loop.total_steps(cfg, len(table))
-    graphdef, params, rest = steplib.split_model(loaded.model)
+    graphdef, params, rest = steplib.split_model(setup.loaded.model)
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
     state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
     needs_ref = cfg.wro.beta > 0 or cfg.wro.competitor == "reference"
