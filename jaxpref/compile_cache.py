@@ -59,3 +59,43 @@ def enable() -> str | None:
     if jax.config.jax_compilation_cache_max_size < 0:
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return str(path)
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
+_watches: list[CompileWatch] = []
+_listening = False
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        for w in _watches:
+            w.seconds += seconds
+            w.compiles += event == "/jax/core/compile/backend_compile_duration"
+            w.cache_loads += event == "/jax/compilation_cache/cache_retrieval_time_sec"
+
+
+class CompileWatch:
+    """Counts what JAX compiles while the ``with`` block runs (this process, every thread).
+
+    Attributes:
+      compiles: XLA backend compilations (programs not found in any cache).
+      cache_loads: programs loaded from the persistent cache instead.
+      seconds: tracing + lowering + compiling + cache loading, the time a warm run would not spend.
+    """
+
+    def __init__(self):
+        self.compiles = 0
+        self.cache_loads = 0
+        self.seconds = 0.0
+
+    def __enter__(self) -> CompileWatch:
+        global _listening
+        if not _listening:
+            jax.monitoring.register_event_duration_secs_listener(_on_duration)
+            _listening = True
+        _watches.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _watches.remove(self)
