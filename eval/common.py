@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from jaxpref import compile_cache
 from jaxpref.data.tokenize import TokenizeConfig
 
 
@@ -43,9 +44,11 @@ def tokenize_config(args, base: TokenizeConfig | None = None) -> TokenizeConfig:
 
 
 def setup_logging() -> None:
+    """Logging for the eval scripts, and the persistent compilation cache (``jaxpref.compile_cache``)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxpref").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    compile_cache.enable()
 
 
 def expected_errors() -> tuple[type[Exception], ...]:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from jaxpref import compile_cache
 from jaxpref.config import ConfigError, RunConfig, load_config
 
 
@@ -24,6 +25,7 @@ def parse_run_config(argv, description: str, schema=RunConfig):
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxpref").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    compile_cache.enable()
     try:
         return load_config(schema, args.config, args.overrides), args
     except ConfigError as err:

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import pathlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -44,8 +45,10 @@ import numpy as np
 from flax import nnx
 
 from jaxpref import logprobs, parallel
+from jaxpref.compile_cache import CompileWatch
 from jaxpref.data import formats as data_formats
 from jaxpref.data.batching import pair_batch
+from jaxpref.data.packing import pack_sequences
 from jaxpref.data.sources import DataError, load_rows
 from jaxpref.data.tokenize import TokenizeConfig, TokenizedPairs, tokenize_pairs, tokenize_sft
 from jaxpref.data.validation import RejectLog
@@ -183,6 +186,7 @@ class PairScores:
       hidden_sums: ``[N, 2, D]`` float32 sums of the final hidden states predicting response tokens
         (Razin's S), or None.
       last_hidden: ``[N, 2, D]`` float32 the last such state, or None.
+      stats: how the scoring spent its time (:class:`ScoreStats`).
     """
 
     sums: np.ndarray
@@ -190,6 +194,41 @@ class PairScores:
     means: np.ndarray
     hidden_sums: np.ndarray | None = None
     last_hidden: np.ndarray | None = None
+    stats: ScoreStats | None = None
+
+
+@dataclasses.dataclass
+class ScoreStats:
+    """Compile accounting and steady-state throughput of one :func:`score_pairs` call.
+
+    Attributes:
+      layout: ``packed`` (sequences packed into rows) or ``padded`` (``[2B, T]`` buckets).
+      shapes: the distinct ``[rows, T]`` input shapes the scorer ran (one program each).
+      compiles: XLA compilations (shapes neither in memory nor in the persistent cache).
+      cache_loads: programs loaded from the persistent compilation cache.
+      compile_s: tracing, compiling and cache loading (what a warm second call would not spend).
+      wall_s: the whole call; ``wall_s - compile_s`` is the steady-state time.
+      real_tokens: prompt + response tokens of the scored sequences.
+      computed_tokens: token slots the model computed (padding included).
+    """
+
+    layout: str
+    shapes: list[tuple[int, int]]
+    compiles: int
+    cache_loads: int
+    compile_s: float
+    wall_s: float
+    real_tokens: int
+    computed_tokens: int
+
+    def to_json(self) -> dict:
+        steady = max(self.wall_s - self.compile_s, 1e-9)
+        return {"layout": self.layout, "shapes": [list(x) for x in self.shapes], "compiles": self.compiles,
+                "cache_loads": self.cache_loads, "compile_s": round(self.compile_s, 3),
+                "wall_s": round(self.wall_s, 3), "steady_s": round(steady, 3),
+                "tokens_per_s": round(self.real_tokens / steady, 1), "real_tokens": self.real_tokens,
+                "computed_tokens": self.computed_tokens,
+                "real_token_fraction": round(self.real_tokens / max(self.computed_tokens, 1), 4)}
 
 
 def _last_predictor(hidden: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -218,42 +257,116 @@ def _score_batch(graphdef, params, rest, batch: PairBatch, *, with_hidden: bool,
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_segments", "seq_chunk", "vocab_chunk"))
+def _score_packed(graphdef, params, rest, ids, mask, segments, positions, *, num_segments: int, seq_chunk: int,
+                  vocab_chunk: int):
+    """``(sums, counts)`` [num_segments] of the segments of packed rows ``[R, T]`` (segment 0 = padding)."""
+    model = nnx.merge(graphdef, params, rest)
+    hidden = model(ids, positions=positions, segment_ids=segments).hidden
+    matrix, layout = model.unembedding()
+    lp = logprobs.segment_logprobs(hidden, matrix, ids, mask, segments, num_segments=num_segments, layout=layout,
+                                   seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+    return lp.sums, lp.counts
+
+
+SEQ_LADDER = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def ladder_length(n: int) -> int:
+    """The smallest row length of :data:`SEQ_LADDER` that holds ``n`` tokens (a few shapes for every dataset)."""
+    for t in SEQ_LADDER:
+        if t >= n:
+            return t
+    raise ValueError(f"a sequence of {n} tokens is longer than the longest row length {SEQ_LADDER[-1]}")
+
+
 def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: Sequence[int] | None = None,
-                mesh=None, with_hidden: bool = False, seq_chunk: int = 128, vocab_chunk: int = 8192,
-                progress: bool = True, desc: str = "score") -> PairScores:
+                mesh=None, with_hidden: bool = False, packing: bool | None = None, seq_chunk: int = 128,
+                vocab_chunk: int = 8192, progress: bool = True, desc: str = "score") -> PairScores:
     """Scores every pair under ``model`` (module docstring); returns :class:`PairScores` in dataset order.
+
+    By default the ``2N`` sequences are **packed** (:func:`jaxpref.data.packing.pack_sequences`): first-fit
+    decreasing over the whole dataset into rows of :func:`ladder_length` tokens, each sequence its own
+    segment (block-diagonal attention, positions restarting at 0), one forward and one chunked log-prob
+    pass per batch of rows, then a segment sum (:func:`jaxpref.logprobs.segment_logprobs`). Batches hold
+    about the real tokens of ``batch_size`` pairs, and a dataset costs at most two shapes (the full batch
+    and the cut last one). The padded ``[2B, T]`` layout (``packing=False``, and always with
+    ``with_hidden``) sorts pairs by length into power-of-two buckets.
 
     Args:
       model: a jaxpref causal LM (place it on ``mesh`` first when one is given, e.g. ``load_model(mesh=)``).
       pairs: tokenised pairs.
-      batch_size: pairs per forward (the forward sees ``2 * batch_size`` sequences).
-      buckets: padded lengths (None: powers of two up to the longest sequence).
+      batch_size: pairs per forward (padded: exactly; packed: their real tokens, on average).
+      buckets: padded lengths (None: powers of two up to the longest sequence); padded layout only.
       mesh: shard each batch over the mesh's ``batch`` axes.
-      with_hidden: also return the hidden-state sums and last predictor states (CHES).
+      with_hidden: also return the hidden-state sums and last predictor states (CHES); padded layout.
+      packing: pack sequences (default: True unless ``with_hidden``).
       seq_chunk, vocab_chunk: chunking of :func:`jaxpref.logprobs.sequence_logprobs`.
       progress: show a progress bar.
     """
+    packing = (not with_hidden) if packing is None else packing
+    if packing and with_hidden:
+        raise ValueError("score_pairs: with_hidden needs the padded layout (packing=False)")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     n = len(pairs)
     d = model.config.hidden_size
     sums, counts = np.zeros((n, 2), np.float32), np.zeros((n, 2), np.float32)
     hs = np.zeros((n, 2, d), np.float32) if with_hidden else None
     lh = np.zeros((n, 2, d), np.float32) if with_hidden else None
-    b = batch_size + (-batch_size) % _batch_multiple(mesh)
-    bar = progress_bar(math.ceil(n / b), enabled=progress, desc=desc)
-    try:
-        for idx, batch in iterate_pair_batches(pairs, batch_size=batch_size, buckets=buckets, mesh=mesh):
-            out = jax.device_get(_score_batch(graphdef, params, rest, batch, with_hidden=with_hidden,
-                                              seq_chunk=seq_chunk, vocab_chunk=vocab_chunk))
-            k = len(idx)
-            sums[idx], counts[idx] = out["sums"][:k], out["counts"][:k]
-            if with_hidden:
-                hs[idx], lh[idx] = out["hidden_sums"][:k], out["last_hidden"][:k]
-            bar.update(1)
-    finally:
-        bar.close()
+    shapes: list[tuple[int, int]] = []
+    computed = 0
+    start = time.perf_counter()
+    with CompileWatch() as watch:
+        if packing:
+            lengths = pairs.lengths()
+            t = ladder_length(int(lengths.max()) if n else 2)
+            rows = max(1, round(2 * batch_size * float(lengths.mean() if n else 1) / t))
+            packed = pack_sequences(pairs, t, rows, row_multiple=_batch_multiple(mesh))
+            seg_sums = np.zeros((packed.num_batches, packed.num_segments), np.float32)
+            seg_counts = np.zeros_like(seg_sums)
+            bar = progress_bar(packed.num_batches, enabled=progress, desc=desc)
+            try:
+                for k in range(packed.num_batches):
+                    arrays = packed.batch(k)
+                    if mesh is not None:
+                        arrays = parallel.shard_batch(arrays, mesh)
+                    out = _score_packed(graphdef, params, rest, *arrays, num_segments=packed.num_segments,
+                                        seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+                    seg_sums[k], seg_counts[k] = jax.device_get(out)
+                    shapes.append(tuple(arrays[0].shape))
+                    computed += arrays[0].size
+                    bar.update(1)
+            finally:
+                bar.close()
+            sums = seg_sums[packed.batch_of, packed.segment_of]
+            counts = seg_counts[packed.batch_of, packed.segment_of]
+        else:
+            b = batch_size + (-batch_size) % _batch_multiple(mesh)
+            bar = progress_bar(math.ceil(n / b), enabled=progress, desc=desc)
+            try:
+                for idx, batch in iterate_pair_batches(pairs, batch_size=batch_size, buckets=buckets, mesh=mesh):
+                    out = jax.device_get(_score_batch(graphdef, params, rest, batch, with_hidden=with_hidden,
+                                                      seq_chunk=seq_chunk, vocab_chunk=vocab_chunk))
+                    k = len(idx)
+                    sums[idx], counts[idx] = out["sums"][:k], out["counts"][:k]
+                    if with_hidden:
+                        hs[idx], lh[idx] = out["hidden_sums"][:k], out["last_hidden"][:k]
+                    bsz, two, t = batch.input_ids.shape
+                    shapes.append((bsz * two, t))
+                    computed += bsz * two * t
+                    bar.update(1)
+            finally:
+                bar.close()
+    stats = ScoreStats(layout="packed" if packing else "padded", shapes=sorted(set(shapes)),
+                       compiles=watch.compiles, cache_loads=watch.cache_loads, compile_s=watch.seconds,
+                       wall_s=time.perf_counter() - start, real_tokens=int(pairs.lengths().sum()) if n else 0,
+                       computed_tokens=int(computed))
+    log.info("%s: %d pairs, %s layout, %d shape(s) %s, %d compile(s) + %d cache load(s) in %.1f s, %.0f tokens/s, "
+             "real/computed tokens %.3f", desc, n, stats.layout, len(stats.shapes), stats.shapes, stats.compiles,
+             stats.cache_loads, stats.compile_s, stats.to_json()["tokens_per_s"],
+             stats.to_json()["real_token_fraction"])
     return PairScores(sums=sums, counts=counts, means=sums / np.maximum(counts, 1.0), hidden_sums=hs,
-                      last_hidden=lh)
+                      last_hidden=lh, stats=stats)
 
 
 # ------------------------------------------------------------------------------------ prompts and generation

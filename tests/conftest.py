@@ -4,14 +4,44 @@ Eight fake CPU devices are configured before JAX initialises so mesh tests can r
 Real data lives in ``../shared/data`` (never committed here); tests that need it use the
 ``shared_data`` fixture, which skips with a reason when it is absent unless
 ``JAXPREF_REQUIRE_SHARED=1`` (CI), where absence is an error.
+
+Compile settings (the suite is compile-bound on a 2-core machine):
+
+* one persistent JAX compilation cache for the whole run, shared by this process, pytest-xdist
+  workers and the training subprocesses (``subprocess_env``), so an identical program compiles once
+  per run; it lives in a temporary directory removed when the run ends, so nothing leaks between runs;
+* XLA's LLVM backend at ``-O0`` (``TEST_XLA_OPT``): every HLO pass (fusion, layout, sharding) still
+  runs, only machine-code optimisation is skipped, which halves compile time
+  (``tests/test_logprobs.py``: 160 -> 81 s of backend compile). Tests check numerics, not codegen
+  speed; benchmarks under ``bench/`` never run with it. Set ``JAXPREF_TEST_XLA_OPT=""`` to test at the
+  default optimisation level.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+TEST_XLA_OPT = os.environ.setdefault("JAXPREF_TEST_XLA_OPT", "--xla_backend_optimization_level=0")
+
+
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a test process or subprocess with ``devices`` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_OPT}".strip()
+
+
+if "JAXPREF_TEST_JIT_CACHE" not in os.environ:  # the first process of the run (xdist workers inherit it)
+    os.environ["JAXPREF_TEST_JIT_CACHE"] = tempfile.mkdtemp(prefix="jaxpref-test-jit-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXPREF_TEST_JIT_CACHE"], True)
+JIT_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": os.environ["JAXPREF_TEST_JIT_CACHE"],
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+for _key, _value in JIT_CACHE_ENV.items():
+    os.environ.setdefault(_key, _value)
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,10 +78,7 @@ def _hf_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def subprocess_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for training subprocesses: one CPU device (cheaper compiles than eight) and a
-    persistent compilation cache shared by the session, so identical tiny runs compile only once."""
-    cache = tmp_path_factory.mktemp("jax_compilation_cache")
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def subprocess_env() -> dict[str, str]:
+    """Environment for training subprocesses: one CPU device (cheaper compiles than eight) and the
+    run's persistent compilation cache, so identical tiny runs compile only once."""
+    return {**os.environ, "XLA_FLAGS": xla_flags(1), **JIT_CACHE_ENV}

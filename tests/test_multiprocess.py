@@ -3,7 +3,6 @@ training loop on a data-parallel mesh spanning both, each feeding its own rows, 
 same losses as one process on the whole batch."""
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -33,9 +32,9 @@ def _losses(run_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, shared_data):
+def test_two_processes_match_one(tmp_path, shared_data, subprocess_env):
     hh = shared_data / "hh_rlhf_helpful_base_test_2k.jsonl"
-    base_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    base_env = subprocess_env
     port = _free_port()
     procs = []
     for pid in range(2):

@@ -83,21 +83,43 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int, max_bins: int | 
     if any(x > capacity or x < 0 for x in lengths):
         raise ValueError(f"item sizes {lengths} must lie in [0, {capacity}]")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    room: list[int] = []
+    limit = len(lengths) if max_bins is None else min(max_bins, len(lengths))
+    rooms = _RoomTree(max(limit, 1), capacity)
     out = np.zeros(len(lengths), np.int64)
     for i in order:
-        size = lengths[i]
-        for b, r in enumerate(room):
-            if r >= size:
-                room[b] -= size
-                out[i] = b
-                break
-        else:
-            if max_bins is not None and len(room) >= max_bins:
-                return None
-            room.append(capacity - size)
-            out[i] = len(room) - 1
+        b = rooms.first_with_room(lengths[i])
+        if b is None:
+            return None
+        rooms.take(b, lengths[i])
+        out[i] = b
     return out
+
+
+class _RoomTree:
+    """Remaining room of ``n`` bins (unopened bins have full room, so the first bin with room is an opened
+    one when any fits, else the next one to open) in a max segment tree: first-fit in O(log n) per item."""
+
+    def __init__(self, n: int, capacity: int):
+        self.size = 1 << max(0, n - 1).bit_length()
+        self.tree = [0] * self.size + [capacity] * n + [-1] * (self.size - n)  # leaves at [size, 2 size)
+        for i in range(self.size - 1, 0, -1):
+            self.tree[i] = max(self.tree[2 * i], self.tree[2 * i + 1])
+
+    def first_with_room(self, size: int) -> int | None:
+        if self.tree[1] < size:
+            return None
+        i = 1
+        while i < self.size:
+            i = 2 * i if self.tree[2 * i] >= size else 2 * i + 1
+        return i - self.size
+
+    def take(self, b: int, size: int) -> None:
+        i = self.size + b
+        self.tree[i] -= size
+        i //= 2
+        while i:
+            self.tree[i] = max(self.tree[2 * i], self.tree[2 * i + 1])
+            i //= 2
 
 
 def _fits(seq_lengths: list[int], spec: PackSpec) -> bool:
@@ -230,3 +252,99 @@ def efficiency(batch: PackedPairBatch) -> float:
     """Real tokens / row slots of a packed batch (the padding-efficiency statistic)."""
     seg = np.asarray(batch.segment_ids)
     return float((seg != 0).sum() / seg.size)
+
+
+# ------------------------------------------------------------------------------ packing for scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSequences:
+    """Every sequence of a pair dataset packed into rows for scoring (no training order to keep).
+
+    The ``2N`` sequences (pair ``i``'s chosen is sequence ``2i``, its rejected ``2i + 1``) are packed by
+    first-fit decreasing into rows of ``seq_len`` tokens over the WHOLE dataset, and the rows are cut into
+    batches of ``rows_per_batch`` (the last batch is padded with empty rows), so all batches share one
+    shape. Inside a batch every sequence is its own segment ``1, 2, ...``; positions restart at 0 per
+    segment, and a segment's first token is never a target, as in :func:`pack_pairs`.
+
+    Attributes:
+      input_ids, loss_mask, segment_ids, positions: [num_batches * rows_per_batch, seq_len] int32.
+      batch_of: [N, 2] int32 batch of each sequence; segment_of: [N, 2] int32 its segment in that batch.
+      rows_per_batch: rows per batch; num_segments: static size of per-batch segment outputs (max + 1).
+      used_rows: rows that hold tokens (the rest of the last batch is empty).
+      row_multiple: batches keep a multiple of this many rows.
+    """
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    segment_ids: np.ndarray
+    positions: np.ndarray
+    batch_of: np.ndarray
+    segment_of: np.ndarray
+    rows_per_batch: int
+    num_segments: int
+    used_rows: int
+    row_multiple: int = 1
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.input_ids) // self.rows_per_batch
+
+    def batch_rows(self, k: int) -> int:
+        """Rows of batch ``k``: ``rows_per_batch``, except the last batch, cut to the power of two (times
+        ``row_multiple``) that holds its used rows, so a dataset costs at most two shapes."""
+        if k < self.num_batches - 1:
+            return self.rows_per_batch
+        used = max(1, self.used_rows - int(k) * self.rows_per_batch)
+        units = -(-used // self.row_multiple)
+        return min(self.rows_per_batch, (1 << (units - 1).bit_length()) * self.row_multiple)
+
+    def batch(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(input_ids, loss_mask, segment_ids, positions)`` of batch ``k``, each [batch_rows(k), seq_len]."""
+        lo = k * self.rows_per_batch
+        sl = slice(lo, lo + self.batch_rows(k))
+        return self.input_ids[sl], self.loss_mask[sl], self.segment_ids[sl], self.positions[sl]
+
+    def computed_tokens(self) -> int:
+        return sum(self.batch_rows(k) for k in range(self.num_batches)) * self.input_ids.shape[1]
+
+    def efficiency(self) -> float:
+        """Real tokens / computed token slots over all batches."""
+        return float((self.segment_ids != 0).sum() / max(self.computed_tokens(), 1))
+
+
+def pack_sequences(pairs: TokenizedPairs, seq_len: int, rows_per_batch: int, *, row_multiple: int = 1
+                   ) -> PackedSequences:
+    """Packs all sequences of ``pairs`` into batches of ``rows_per_batch`` rows of ``seq_len`` tokens
+    (:class:`PackedSequences`); ``rows_per_batch`` is rounded up to a multiple of ``row_multiple`` (the
+    data-parallel devices the rows are split over)."""
+    lengths = pairs.lengths().reshape(-1)
+    if len(lengths) and int(lengths.max()) > seq_len:
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit rows of {seq_len}")
+    rows_per_batch = max(1, rows_per_batch) + (-max(1, rows_per_batch)) % row_multiple
+    bins = first_fit_decreasing(lengths, seq_len) if len(lengths) else np.zeros(0, np.int64)
+    n_rows = int(bins.max()) + 1 if len(bins) else 0
+    n_batches = max(1, -(-n_rows // rows_per_batch))
+    shape = (n_batches * rows_per_batch, seq_len)
+    input_ids = np.full(shape, pairs.pad_id, np.int32)
+    loss_mask, segment_ids, positions = (np.zeros(shape, np.int32) for _ in range(3))
+    batch_of, segment_of = np.zeros((len(pairs), 2), np.int32), np.zeros((len(pairs), 2), np.int32)
+    fill = np.zeros(shape[0], np.int64)
+    next_segment = np.ones(n_batches, np.int64)
+    for j in sorted(range(len(lengths)), key=lambda j: (int(bins[j]), j)):
+        row, (i, s) = int(bins[j]), divmod(j, 2)
+        prompt, resp = pairs.prompt[i], pairs.responses[s][i]
+        lo, n_p = int(fill[row]), len(prompt)
+        hi = lo + n_p + len(resp)
+        k = row // rows_per_batch
+        seg = int(next_segment[k])
+        next_segment[k] += 1
+        input_ids[row, lo:lo + n_p], input_ids[row, lo + n_p:hi] = prompt, resp
+        loss_mask[row, lo + n_p:hi] = 1
+        loss_mask[row, lo] = 0
+        segment_ids[row, lo:hi] = seg
+        positions[row, lo:hi] = np.arange(hi - lo)
+        batch_of[i, s], segment_of[i, s] = k, seg
+        fill[row] = hi
+    return PackedSequences(input_ids, loss_mask, segment_ids, positions, batch_of, segment_of, rows_per_batch,
+                           int(next_segment.max()), used_rows=n_rows, row_multiple=row_multiple)
