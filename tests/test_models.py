@@ -12,7 +12,9 @@ import pytest
 from flax import nnx
 
 from jaxpref.models import KVCache, presets
-from jaxpref.models.layers import apply_rope, attention_mask, rope_sin_cos
+from jaxpref.models.attention import MaskSpec
+from jaxpref.models.attention.xla import dense_mask
+from jaxpref.models.layers import apply_rope, rope_sin_cos
 from jaxpref.models.transformer import segment_positions
 from jaxpref.testing.models import fast_compile, random_model
 
@@ -61,7 +63,7 @@ def test_segment_positions_and_mask():
     seg = jnp.asarray([[1, 1, 1, 2, 2, 0], [0, 0, 1, 1, 1, 1]])
     pos = segment_positions(seg)
     np.testing.assert_array_equal(pos, [[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 3]])
-    mask = np.asarray(attention_mask(seg, pos, seg, pos, sliding_window=2))[:, 0]
+    mask = np.asarray(dense_mask(MaskSpec.self_attention(seg, pos, sliding_window=2)))[:, 0]
     assert mask.shape == (2, 6, 6)
     np.testing.assert_array_equal(mask[0, 2], [0, 1, 1, 0, 0, 0])  # window 2: itself and one back
     np.testing.assert_array_equal(mask[0, 4], [0, 0, 0, 1, 1, 0])  # second segment only
