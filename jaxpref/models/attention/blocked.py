@@ -71,7 +71,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: float,
-           block_q: int = DEFAULT_BLOCK_Q, block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
+           block_q: int | None = None, block_kv: int | None = None) -> jax.Array:
     """Blocked attention with the semantics of :func:`jaxpref.models.attention.xla.attend`.
 
     Args:
@@ -79,7 +79,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: f
       k, v: [B, S, KV, hd] keys / values, H % KV == 0.
       spec: the mask description.
       scale: multiplies the scores.
-      block_q, block_kv: tile sizes (clipped to the padded lengths). T and S need not be
+      block_q, block_kv: tile sizes, default :data:`DEFAULT_BLOCK_Q` / :data:`DEFAULT_BLOCK_KV`
+        (read at call time), clipped to the lengths rounded up to 8. T and S need not be
         multiples: they are padded with segment id 0, which masks the padding exactly.
 
     Returns:
@@ -87,6 +88,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: f
     """
     b, t, h, hd = q.shape
     s, kvh = k.shape[1], k.shape[2]
+    block_q, block_kv = block_q or DEFAULT_BLOCK_Q, block_kv or DEFAULT_BLOCK_KV
     bq, bk = min(block_q, _round_up(t, 8)), min(block_kv, _round_up(s, 8))
     tp, sp = _round_up(t, bq), _round_up(s, bk)
 

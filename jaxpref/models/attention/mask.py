@@ -79,7 +79,8 @@ class MaskSpec:
         """Raises ValueError when the description does not fit ``q [B, T, H, hd]`` / ``k [B, S, KV, hd]``."""
         b, t = q_shape[:2]
         s = k_shape[1]
-        for name, arr, want in (("q_segment_ids", self.q_segment_ids, (b, t)), ("q_positions", self.q_positions, (b, t)),
+        for name, arr, want in (("q_segment_ids", self.q_segment_ids, (b, t)),
+                                ("q_positions", self.q_positions, (b, t)),
                                 ("kv_segment_ids", self.kv_segment_ids, (b, s)),
                                 ("kv_positions", self.kv_positions, (b, s))):
             if tuple(arr.shape) != want:
