@@ -85,10 +85,13 @@ def test_packed_segments_equal_separate_runs(models, name):
     assert np.isfinite(np.asarray(logits)).all()  # padding rows stay finite
 
 
-@pytest.mark.parametrize("name", ["tiny_mistral", "tiny_gpt2"])
-def test_kv_cache_decode_matches_full_forward(models, name):
-    """Left-padded prefill + 4 one-token steps == one full forward of each unpadded sequence."""
-    model = models[name]
+@pytest.mark.parametrize("name,attention", [("tiny_mistral", None), ("tiny_gpt2", None), ("tiny_mistral", "blocked")])
+def test_kv_cache_decode_matches_full_forward(models, name, attention):
+    """Left-padded prefill + 4 one-token steps == one full forward of each unpadded sequence.
+
+    With ``attention=blocked`` the prefill and the full forward run the blocked kernel (a cache
+    layout: 6 queries over 10 slots) and the one-token steps fall back to xla."""
+    model = models[name] if attention is None else random_model(presets.get_preset(name, attention=attention))
     lengths, prompt_len, steps = (6, 3), 6, 4
     full = _ids((2, prompt_len + steps), seed=3)
     full_seg = np.zeros_like(full)
