@@ -135,17 +135,19 @@ def _brute_live(spec: MaskSpec, bq: int, bk: int) -> np.ndarray:
     return m.reshape(b, m.shape[1] // bq, bq, m.shape[2] // bk, bk).any(axis=(0, 2, 4))
 
 
+@pytest.mark.parametrize("blocks", [(8, 16), (5, 7)])  # 5 x 7: tile edges at every offset from the window edge
 @pytest.mark.parametrize("kind,flags", [("right_pad", {}), ("left_pad", {"sliding_window": 9}),
                                         ("packed", {}), ("packed", {"sliding_window": 6})])
-def test_tile_skipping_is_exact_or_conservative(kind, flags):
+def test_tile_skipping_is_exact_or_conservative(kind, flags, blocks):
     """Never skips a tile with a visible pair; skips the causal upper triangle and out-of-window tiles."""
-    t, bq, bk = 45, 8, 16
+    t, (bq, bk) = 45, blocks
     seg = np.stack([_segments(kind, 2, t)[0]] * 2)  # one layout in both rows: skipping is per layout
     spec = _self_spec(seg, **flags)
-    padded = [jnp.pad(x, [(0, 0), (0, 48 - t)]) for x in
-              (spec.q_segment_ids, spec.q_positions, spec.kv_segment_ids, spec.kv_positions)]
+    pad = lambda x, b: jnp.pad(x, [(0, 0), (0, -t % b)])  # noqa: E731
     static = blocked._Static(True, flags.get("sliding_window"), None, 1.0, bq, bk)
-    live = np.asarray(jax.jit(blocked.live_tiles, static_argnums=0)(static, *padded))
+    live = np.asarray(jax.jit(blocked.live_tiles, static_argnums=0)(
+        static, pad(spec.q_segment_ids, bq), pad(spec.q_positions, bq), pad(spec.kv_segment_ids, bk),
+        pad(spec.kv_positions, bk)))
     want = _brute_live(spec, bq, bk)
     assert not (want & ~live).any(), "a tile with visible pairs was skipped"
     assert live.sum() < live.size  # something is skipped
