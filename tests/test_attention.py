@@ -23,7 +23,7 @@ from jaxpref.models.transformer import segment_positions
 from jaxpref.testing.models import fast_compile, random_model
 
 EPS32 = float(np.finfo(np.float32).eps)
-BF16_U = 2.0 ** -8  # bf16 unit roundoff (8 significand bits): relative error of one rounding <= 2^-8 / 2 ... 2^-8
+BF16_U = 2.0 ** -8  # bf16 unit roundoff: 8 significand bits, round-to-nearest relative error <= 2^-8
 
 
 @pytest.fixture(autouse=True, scope="module")
