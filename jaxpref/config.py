@@ -47,6 +47,8 @@ class ModelRunConfig:
       remat_policy: what a rematerialised layer keeps: ``full`` (only its input), ``dots_no_batch``
         (the weight-matmul outputs) or ``dots`` (every matmul output); see
         :class:`jaxpref.models.ModelConfig`.
+      attention: attention backend ``auto | xla | blocked | cudnn | splash | pallas_gpu``
+        (:mod:`jaxpref.models.attention`).
     """
 
     source: str = "preset:tiny_llama"
@@ -56,10 +58,13 @@ class ModelRunConfig:
     compute_dtype: str = "float32"
     remat: bool = False
     remat_policy: str = "full"
+    attention: str = "auto"
 
     def model_overrides(self) -> dict[str, Any]:
-        """``overrides`` plus the rematerialisation settings: what model loading applies."""
+        """``overrides`` plus the rematerialisation and attention settings: what model loading applies."""
         extra = {"remat": True, "remat_policy": self.remat_policy} if self.remat else {}
+        if self.attention != "auto":
+            extra["attention"] = self.attention
         return {**self.overrides, **extra}
 
 
@@ -359,6 +364,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("full", "dots_no_batch", "dots"),
+    "model.attention": ("auto", "xla", "blocked", "cudnn", "splash", "pallas_gpu"),
     "train.nan_policy": ("skip", "stop"),
     "wro.competitor": ("reference", "self_play", "dataset"),
     "wro.dataset_responses": ("chosen", "rejected", "both"),

@@ -125,7 +125,7 @@ def parse_run_spec(rest: str) -> tuple[pathlib.Path, int | None]:
 
 
 # ModelConfig fields a ``run:`` spec may override: how the saved architecture is computed, not what it is.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "attention")
 
 
 def load_run_model(rest: str, mesh=None, **runtime) -> LoadedModel:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from jaxpref.models import CheckpointMismatchError, ModelConfig, build_model, load_hf, params_from_hf, presets, save_hf
+from jaxpref.models.attention import blocked
 from jaxpref.models.hf_io import hf_tensors
 from jaxpref.parallel import MeshConfig, make_mesh
 from jaxpref.testing.models import fast_compile, random_model
@@ -78,7 +79,7 @@ def hf_checkpoint(tmp_path_factory):
 
 @pytest.mark.torch
 @pytest.mark.parametrize("name", PARITY_PRESETS)
-def test_logits_match_transformers_and_round_trip(hf_checkpoint, tmp_path, name):
+def test_logits_match_transformers_and_round_trip(hf_checkpoint, tmp_path, name, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -92,6 +93,10 @@ def test_logits_match_transformers_and_round_trip(hf_checkpoint, tmp_path, name)
     valid = mask.astype(bool)
     np.testing.assert_allclose(got[valid], want[valid], atol=1e-4, rtol=0)
     assert np.abs(want[valid]).std() > 0.5  # the comparison is not trivially small
+    monkeypatch.setattr(blocked, "DEFAULT_BLOCK_Q", 8)  # T = 12: two tiles each way, one skipped
+    monkeypatch.setattr(blocked, "DEFAULT_BLOCK_KV", 8)
+    got_blocked = np.asarray(forward_logits(load_hf(src, attention="blocked"), ids, mask))
+    np.testing.assert_allclose(got_blocked[valid], want[valid], atol=1e-4, rtol=0)
 
     out = save_hf(model, tmp_path / "export", source_dir=src)
     with safe_open(src / "model.safetensors", "np") as a, safe_open(out / "model.safetensors", "np") as b:

@@ -12,7 +12,9 @@ import pytest
 from flax import nnx
 
 from jaxpref.models import KVCache, presets
-from jaxpref.models.layers import apply_rope, attention_mask, rope_sin_cos
+from jaxpref.models.attention import MaskSpec
+from jaxpref.models.attention.xla import dense_mask
+from jaxpref.models.layers import apply_rope, rope_sin_cos
 from jaxpref.models.transformer import segment_positions
 from jaxpref.testing.models import fast_compile, random_model
 
@@ -61,7 +63,7 @@ def test_segment_positions_and_mask():
     seg = jnp.asarray([[1, 1, 1, 2, 2, 0], [0, 0, 1, 1, 1, 1]])
     pos = segment_positions(seg)
     np.testing.assert_array_equal(pos, [[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 3]])
-    mask = np.asarray(attention_mask(seg, pos, seg, pos, sliding_window=2))[:, 0]
+    mask = np.asarray(dense_mask(MaskSpec.self_attention(seg, pos, sliding_window=2)))[:, 0]
     assert mask.shape == (2, 6, 6)
     np.testing.assert_array_equal(mask[0, 2], [0, 1, 1, 0, 0, 0])  # window 2: itself and one back
     np.testing.assert_array_equal(mask[0, 4], [0, 0, 0, 1, 1, 0])  # second segment only
@@ -83,10 +85,13 @@ def test_packed_segments_equal_separate_runs(models, name):
     assert np.isfinite(np.asarray(logits)).all()  # padding rows stay finite
 
 
-@pytest.mark.parametrize("name", ["tiny_mistral", "tiny_gpt2"])
-def test_kv_cache_decode_matches_full_forward(models, name):
-    """Left-padded prefill + 4 one-token steps == one full forward of each unpadded sequence."""
-    model = models[name]
+@pytest.mark.parametrize("name,attention", [("tiny_mistral", None), ("tiny_gpt2", None), ("tiny_mistral", "blocked")])
+def test_kv_cache_decode_matches_full_forward(models, name, attention):
+    """Left-padded prefill + 4 one-token steps == one full forward of each unpadded sequence.
+
+    With ``attention=blocked`` the prefill and the full forward run the blocked kernel (a cache
+    layout: 6 queries over 10 slots) and the one-token steps fall back to xla."""
+    model = models[name] if attention is None else random_model(presets.get_preset(name, attention=attention))
     lengths, prompt_len, steps = (6, 3), 6, 4
     full = _ids((2, prompt_len + steps), seed=3)
     full_seg = np.zeros_like(full)

@@ -83,6 +83,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = {"full": "nothing_saveable", "dots_no_batch": "dots_with_no_batch_dims_saveable",
                   "dots": "dots_saveable"}
 
+# ``ModelConfig.attention`` values (:mod:`jaxpref.models.attention.select` resolves them).
+ATTENTION_BACKENDS = ("auto", "xla", "blocked", "cudnn", "splash", "pallas_gpu")
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -140,6 +143,8 @@ class ModelConfig:
         ``full`` keeps only the layer input and recomputes everything; ``dots_no_batch`` keeps
         the outputs of the weight matmuls (q/k/v/o, MLP) and recomputes attention and the
         elementwise work; ``dots`` keeps every matmul output, attention scores included.
+      attention: the attention backend, ``auto | xla | blocked | cudnn | splash | pallas_gpu``
+        (:mod:`jaxpref.models.attention`); how attention is computed, not what it computes.
       initializer_range: std of the normal initialiser for random init [initializer_range].
       bos_token_id / eos_token_id / pad_token_id: carried for export and generation.
     """
@@ -168,6 +173,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool = False
     remat_policy: str = "full"
+    attention: str = "auto"
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -203,6 +209,8 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}: must be one of {sorted(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={self.attention!r}: must be one of {list(ATTENTION_BACKENDS)}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.sliding_window is not None and (f != Family.MISTRAL or self.sliding_window <= 0):

@@ -1,4 +1,4 @@
-"""Building blocks shared by every family: norms, RoPE, masks, attention, MLPs, embeddings.
+"""Building blocks shared by every family: norms, RoPE, attention, MLPs, embeddings.
 
 Conventions:
   * Parameters are created with :func:`jaxpref.parallel.logical_param` and named with their
@@ -7,8 +7,9 @@ Conventions:
   * Dtype policy: parameters are stored in ``config.param_dtype`` and cast to
     ``config.dtype`` at use; norms, RoPE angles, attention logits / softmax and output logits
     are float32.
-  * Masks are boolean ``[B, 1, T, S]``; a query whose row is fully masked (a padding token)
-    gets uniform attention over the keys, so its output stays finite (and is ignored).
+  * Attention receives a mask *description* (:class:`~jaxpref.models.attention.MaskSpec`) and
+    runs on the backend ``config.attention`` names (:mod:`jaxpref.models.attention`); a query
+    that sees no key (a padding token) gets exact zeros, finite and ignored downstream.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpref.models.attention import MaskSpec, attend
 from jaxpref.models.config import ModelConfig
 from jaxpref.parallel import logical_param
 
@@ -124,38 +126,6 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
-# ----------------------------------------------------------------------------------- masks
-
-
-def attention_mask(
-    q_segment_ids: jax.Array,
-    q_positions: jax.Array,
-    kv_segment_ids: jax.Array,
-    kv_positions: jax.Array,
-    sliding_window: int | None = None,
-) -> jax.Array:
-    """Which keys each query may attend to.
-
-    A key is visible iff it is not padding (segment != 0), is in the query's segment, its
-    position is <= the query's, and (with a window W) the query is fewer than W positions
-    ahead (HF Mistral: ``kv_idx > q_idx - W``).
-
-    Args:
-      q_segment_ids, q_positions: [B, T] int.
-      kv_segment_ids, kv_positions: [B, S] int.
-      sliding_window: W or None.
-
-    Returns:
-      [B, 1, T, S] bool.
-    """
-    qs, qp = q_segment_ids[:, :, None], q_positions[:, :, None]
-    ks, kp = kv_segment_ids[:, None, :], kv_positions[:, None, :]
-    mask = (ks != 0) & (qs == ks) & (kp <= qp)
-    if sliding_window is not None:
-        mask &= qp - kp < sliding_window
-    return mask[:, None]
-
-
 # ----------------------------------------------------------------------------------- attention
 
 
@@ -169,7 +139,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.dtype, self.scale = cfg.jnp_dtype, h ** -0.5
+        self.dtype, self.scale, self.backend = cfg.jnp_dtype, h ** -0.5, cfg.attention
         self.query_dnh = logical_param(init_normal(cfg, rngs, (d, n, h)), ("embed", "heads", "head_dim"))
         self.key_dkh = logical_param(init_normal(cfg, rngs, (d, k, h)), ("embed", "kv_heads", "head_dim"))
         self.value_dkh = logical_param(init_normal(cfg, rngs, (d, k, h)), ("embed", "kv_heads", "head_dim"))
@@ -185,7 +155,7 @@ class Attention(nnx.Module):
         self,
         x_btd: jax.Array,
         *,
-        mask: jax.Array,
+        mask: MaskSpec,
         rope: tuple[jax.Array, jax.Array] | None,
         cache: tuple[jax.Array, jax.Array] | None = None,
         layer: int = 0,
@@ -195,7 +165,8 @@ class Attention(nnx.Module):
 
         Args:
           x_btd: [B, T, D] normalised input in the compute dtype.
-          mask: [B, 1, T, S] bool, S = T without cache, cache length with one.
+          mask: the mask description: queries [B, T], keys [B, S] (S = T without cache, the cache
+            length with one).
           rope: (sin, cos) [B, T, R/2] or None (learned positions).
           cache: (k, v) buffers [L, B, S, KV, hd] for *all* layers (written in place under
             donation), or None.
@@ -222,8 +193,7 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             cache = (k_all, v_all)
             k, v = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
-        # float32 logits and softmax inside; large-negative (not -inf) masking keeps pads finite.
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+        o = attend(q, k, v, mask, self.backend, scale=self.scale)  # float32 scores and softmax inside
         out = jnp.einsum("btnh,nhd->btd", o, self.out_nhd[...].astype(self.dtype))
         if hasattr(self, "out_bias_d"):
             out = out + self.out_bias_d[...].astype(self.dtype)

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpref.models import layers
+from jaxpref.models.attention import MaskSpec, check_backend
 from jaxpref.models.base import KVCache, ModelOutput
 from jaxpref.models.config import REMAT_POLICIES, Family, ModelConfig, rope_inv_freq
 from jaxpref.models.hf_keys import KeyTable
@@ -82,6 +83,7 @@ class CausalLM(nnx.Module):
         if self.FAMILIES and config.family not in self.FAMILIES:
             raise ValueError(f"{type(self).__name__} implements {[f.value for f in self.FAMILIES]}, "
                              f"not {config.family.value}")
+        check_backend(config.attention)  # e.g. splash on CPU: a config error before anything compiles
         self.config = config
         self.embed = layers.Embedding(config, rngs=rngs)
         if config.learned_positions:
@@ -138,12 +140,12 @@ class CausalLM(nnx.Module):
 
         if cache is None:
             kv, index = None, 0
-            mask = layers.attention_mask(segment_ids, positions, segment_ids, positions, cfg.sliding_window)
+            mask = MaskSpec.self_attention(segment_ids, positions, sliding_window=cfg.sliding_window)
         else:
             kv, index = (cache.k, cache.v), cache.index
             kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
             kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
-            mask = layers.attention_mask(segment_ids, positions, kv_segments, kv_positions, cfg.sliding_window)
+            mask = MaskSpec(segment_ids, positions, kv_segments, kv_positions, sliding_window=cfg.sliding_window)
 
         for i, block in enumerate(self.layers):
             def run(block, x, mask, rope, kv, index, layer=i):
