@@ -39,6 +39,22 @@ sys.path.insert(0, str(ROOT / "bench"))
 import _common  # noqa: E402
 
 
+def readme_summary(payload: dict) -> str:
+    """The README's sentence on what a CPU user should expect (tests/test_readme_commands.py checks that the
+    README holds exactly this text for the committed result file)."""
+    r, cfg, la = payload["results"], payload["config"], payload["load_avg"]
+    st, loop, ev = r["steady"], r["step_loop"], r["eval_ranking"]
+    return (f"{r['time_to_first_step_s']:.0f} s to the end of the first step ({r['setup_s']:.0f} s of GGUF "
+            f"loading, tokenisation and the reference pass over {cfg['limit']} pairs, then the first step and its "
+            f"compile), then {st['seconds_per_step_median']:.0f} s per step of {cfg['batch']} pairs at most "
+            f"{cfg['max_length']} tokens, {st['tokens_per_s_median']:.1f} tokens/s (median of steps 2-{cfg['steps']}; "
+            f"{st['tokens_per_s_min']:.1f}-{st['tokens_per_s_max']:.1f}), with {r['compiles']['count']} XLA compiles "
+            f"taking {r['compiles']['seconds']:.0f} s; `eval.ranking` on {ev['pairs']} pairs with the reference took "
+            f"{ev['wall_s']:.0f} s. The machine was shared (load average {la['before'][0]:.0f} before, "
+            f"{la['after'][0]:.0f} after, on 2 cores): the step loop did {loop['tokens_per_cpu_s']:.1f} tokens per "
+            f"CPU-second of its own, so at best about {2 * loop['tokens_per_cpu_s']:.0f} tokens/s on two idle cores")
+
+
 def _cpu_s() -> float:
     t = os.times()
     return t.user + t.system
@@ -130,7 +146,7 @@ def main(argv=None) -> dict:
                "results": results}
     path = _common.write("smollm2_cpu", payload, args.out)
     print(json.dumps(results, indent=1))
-    print(f"-> {path}")
+    print(f"-> {path}\nREADME: {readme_summary(payload)}")
     return payload
 
 

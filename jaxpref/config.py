@@ -454,7 +454,8 @@ def _free_form_keys(node, layer: dict, prefix: str = "") -> list[str]:
             continue
         meta = child._metadata
         if dataclasses.is_dataclass(meta.object_type) or dataclasses.is_dataclass(meta.ref_type):
-            out += _free_form_keys(child, value, f"{prefix}{key}.")
+            if not child._is_none():  # an unset optional section (reference.samples) holds nothing to replace
+                out += _free_form_keys(child, value, f"{prefix}{key}.")
         else:
             out.append(f"{prefix}{key}")
     return out

