@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from jaxpref import compile_cache
 from jaxpref.data.tokenize import TokenizeConfig
@@ -52,14 +51,13 @@ def setup_logging() -> None:
 
 
 def expected_errors() -> tuple[type[Exception], ...]:
-    """Errors reported as one line (no traceback): bad specs, data, checkpoints, configs."""
-    from jaxpref.config import ConfigError
-    from jaxpref.data.sources import DataError
-    from jaxpref.loading import SpecError
-    from jaxpref.training.checkpoint import CheckpointError
+    """Errors reported as one line (no traceback): :func:`jaxpref.cli.expected_errors`."""
+    from jaxpref import cli
 
-    return SpecError, DataError, CheckpointError, ConfigError, FileNotFoundError
+    return cli.expected_errors()
 
 
 def fail(err: Exception) -> None:
-    sys.exit(f"error: {err}")
+    from jaxpref import cli
+
+    cli.fail(err)

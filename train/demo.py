@@ -23,9 +23,14 @@ def main(argv=None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices on every checkpoint read
+    # (Orbax's read-only notices on every checkpoint read are dropped by jaxpref.loading's absl filter)
+    from jaxpref.cli import expected_errors, fail
+
     start = time.perf_counter()
-    result = run_demo(args.out, config=args.config, progress=not args.no_progress, quick=args.quick)
+    try:
+        result = run_demo(args.out, config=args.config, progress=not args.no_progress, quick=args.quick)
+    except expected_errors() as err:
+        fail(err)
     print(f"\nreport: {args.out}/report/report.md  ({time.perf_counter() - start:.0f} s)")
     for name, m in result["methods"].items():
         print(f"  {name:5s} exact win rate vs reference {m['exact_win_rate_vs_reference']:.3f}  "

@@ -14,7 +14,7 @@ import argparse
 import json
 import logging
 
-from jaxpref.cli import fail
+from jaxpref.cli import expected_errors, fail
 
 
 def main(argv=None) -> None:
@@ -25,12 +25,11 @@ def main(argv=None) -> None:
                    help="export dtype (default: the run's param_dtype)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from jaxpref.loading import SpecError, export_hf
-    from jaxpref.training.checkpoint import CheckpointError
+    from jaxpref.loading import export_hf
 
     try:
         info = export_hf(args.run, args.out, dtype=args.dtype)
-    except (SpecError, CheckpointError, OSError) as err:
+    except (*expected_errors(), OSError) as err:
         fail(err)
     print(json.dumps(info, indent=1))
 

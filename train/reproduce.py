@@ -31,6 +31,7 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from jaxpref.cli import expected_errors, fail
     from jaxpref.config import ConfigError
     from jaxpref.experiments import runner
 
@@ -48,6 +49,8 @@ def main(argv=None) -> list[dict]:
             summaries.append(s)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    except expected_errors() as err:
+        fail(err)
     if args.all:
         (out / "README.md").write_text("# Reproductions\n\n" + runner.markdown_table(summaries))
     return summaries

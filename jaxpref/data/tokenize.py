@@ -32,6 +32,11 @@ Truncation (``max_length`` counts prompt + response + EOS of each sequence;
 A pair whose chosen and rejected token ids are equal after truncation is rejected
 (``identical_after_truncation``). Counts of truncations and rejects are in
 :class:`TokenizeStats`. Tokenizer calls are batched over the whole dataset.
+
+A chat template that cannot run in this environment is one :class:`TokenizerError`, not one reject per
+row: an ``ImportError`` while rendering (e.g. transformers' "apply_chat_template requires jinja2"), or
+the same exception (type and message) on each of the first :data:`ENV_CHECK_ROWS` records (all of
+them when there are fewer) before any record rendered.
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ from jaxpref.data.validation import RejectLog, RowError
 
 TRUNCATION = ("keep_end", "truncate_response", "drop")
 _CHUNK = 8192  # texts per tokenizer call
+ENV_CHECK_ROWS = 16  # identical template failures on this many first records, none rendered: not the data
+
+
+class TokenizerError(RuntimeError):
+    """The tokenizer cannot work in this environment (a missing package, a template that fails on every
+    record); raised once instead of rejecting every row. The message names the tokenizer and the cause."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +237,10 @@ def _conversation(prompt: Text, responses: Sequence[Text], hh_turns: bool):
     return pm, out
 
 
+def _name(tokenizer) -> str:
+    return repr(getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__)
+
+
 def _render(tokenizer, conversation: list, generation_prompt: bool) -> str:
     text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
     if not isinstance(text, str):
@@ -288,13 +303,28 @@ def _chat_ids(tokenizer, cfg: TokenizeConfig, records: Sequence[Any], responses:
     n = len(records)
     errors: dict[int, RowError] = {}
     p_text, f_text = [""] * n, [[""] * len(rs) for rs in responses]
+    leading: set[str] = set()  # distinct failures before the first record that rendered
+    n_leading, rendered = 0, False
     for i, rec in enumerate(records):
         try:
             pm, rms = _conversation(rec.prompt, responses[i], cfg.hh_turns)
             p_text[i] = _render(tokenizer, pm, True)
             f_text[i] = [_render(tokenizer, pm + rm, False) for rm in rms]
+            rendered = True
+        except ImportError as e:  # a package the template needs (jinja2) is missing: no row can render
+            raise TokenizerError(f"tokenizer {_name(tokenizer)}: its chat template cannot run here: "
+                                 f"{type(e).__name__}: {e}") from None
         except Exception as e:  # a template may raise anything (jinja errors, role checks)
-            errors[i] = RowError("template_error", None, f"{type(e).__name__}: {e}"[:200])
+            what = f"{type(e).__name__}: {e}"
+            errors[i] = RowError("template_error", None, what[:200])
+            if not rendered:
+                leading.add(what)
+                n_leading += 1
+                if n_leading == min(n, ENV_CHECK_ROWS) >= 2 and len(leading) == 1:
+                    raise TokenizerError(
+                        f"tokenizer {_name(tokenizer)}: its chat template fails the same way on the first "
+                        f"{n_leading} records ({what[:300]}); fix the template or tokenizer, or render without "
+                        "it (data.chat_template=false / --no-chat-template)") from None
     ok = [i for i in range(n) if i not in errors]
     # Templates render their own BOS, so no special tokens are added here.
     enc = _encode_batch(tokenizer, [p_text[i] for i in ok] + [t for i in ok for t in f_text[i]], special=False)
@@ -394,6 +424,9 @@ def tokenize_pairs(
 
     Returns:
       :class:`TokenizedPairs` of the kept pairs in record order.
+
+    Raises:
+      TokenizerError: the chat template cannot run here (module docstring), instead of rejecting every row.
     """
     cfg = config or TokenizeConfig()
     stats = TokenizeStats()
