@@ -1,0 +1,80 @@
+"""Float tolerances derived from the computation, for tests that compare two float evaluations.
+
+A test that compares two evaluations of the same mathematics (micro-batched vs full batch, packed vs
+padded, sharded vs single device, chunked vs dense) may only fail when the *mathematics* differs, never
+because a CPU summed in another order. Every tolerance here is a worst-case rounding bound, so a test
+that uses one passes on any IEEE machine whenever the two programs compute the same function.
+
+The model (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed. 2002):
+
+* one rounding: ``fl(x op y) = (x op y)(1 + δ)``, ``|δ| <= u``; ``u = eps / 2`` (float32: ``u = 2⁻²⁴``,
+  bfloat16: ``u = 2⁻⁸``).
+* a sum of ``n`` terms in any order and blocking (eq. 4.4 and §4.2): ``|fl(Σ t) - Σ t| <= γ_{n-1} Σ|t|``
+  with ``γ_k = k·u / (1 - k·u)``. Two evaluations in different orders are each within that of the exact
+  value, so they differ by at most ``2·γ_{n-1}·Σ|t|`` (≈ ``(n-1)·eps·Σ|t|``; :func:`reduction_tol`).
+* a chain of reductions (a sum of terms that are themselves computed sums, dot products, ...): to first
+  order the relative errors add, so the chain behaves like one reduction whose length is the sum of the
+  stage lengths (``γ_a + γ_b <= γ_{a+b}``, Higham Lemma 3.3). :func:`transformer_chain_length` counts the
+  stages of one token's log-probability through a decoder forward pass.
+
+What cancels is what matters: the bound is relative to ``Σ|t|``, not to ``|Σ t|``. Pass the terms
+*before* they cancel (e.g. the ``A_i·ℓ_i`` of a score-function surrogate, not the surrogate).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS32 = float(np.finfo(np.float32).eps)  # 2⁻²³: float32 spacing at 1; unit roundoff u = EPS32 / 2
+EPS_BF16 = 2.0 ** -7  # bfloat16 spacing at 1 (7 stored mantissa bits); unit roundoff u = 2⁻⁸
+U32 = EPS32 / 2
+U_BF16 = EPS_BF16 / 2
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """Higham's ``γ_n = n·u / (1 - n·u)``: relative error bound of ``n`` chained roundings."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n * u >= 0.5:
+        raise ValueError(f"n·u = {n * u:.3g} >= 1/2: the first-order bound no longer holds (n={n}, u={u:.3g})")
+    return n * u / (1.0 - n * u)
+
+
+def reduction_tol(terms, n: int | None = None, u: float = U32) -> float:
+    """Bound on ``|a - b|`` for two float evaluations of ``Σ terms`` (any order, blocking or split).
+
+    ``2·γ_{n-1}·Σ|t|`` (module docstring). ``n`` is the length of the rounding chain behind the sum:
+    ``len(terms)`` for plain addends; larger when each term carries its own upstream roundings (add the
+    chain length of one term, e.g. :func:`transformer_chain_length`).
+    """
+    t = np.abs(np.asarray(terms, np.float64)).ravel()
+    n = t.size if n is None else n
+    return 2.0 * gamma(max(n - 1, 0), u) * float(t.sum())
+
+
+def mean_tol(terms, n: int | None = None, u: float = U32) -> float:
+    """:func:`reduction_tol` of ``mean(terms)``: the bound of the sum, divided by the count."""
+    t = np.asarray(terms, np.float64).ravel()
+    return reduction_tol(t, (t.size if n is None else n) + 1, u) / max(t.size, 1)  # +1: the division
+
+
+def relative_tol(n: int, u: float = U32) -> float:
+    """``2·γ_n``: relative bound between two evaluations of an ``n``-rounding chain whose terms all have one
+    sign (so ``Σ|t| = |Σ t|``), e.g. a sum of log-probabilities, or an elementwise closed form of ``n`` ops."""
+    return 2.0 * gamma(n, u)
+
+
+def transformer_chain_length(config, seq_len: int, *, backward: bool = False, tokens: int = 0) -> int:
+    """Number of roundings, summed over the reductions, behind one token's log-probability.
+
+    Per layer: the two norms (mean of squares over D), the Q/K/V projections (D), the attention scores
+    (hd), the softmax normaliser and the weighted sum of values (T each), the output projection (H·hd),
+    the MLP input (D) and output (I) projections, and the residual adds (2). Then the final norm (D), the
+    unembedding (D), the log-sum-exp over the vocabulary (V) and the difference ``z_y - lse`` (1).
+    ``backward=True`` adds the transposed chain (same lengths) plus the weight-gradient reduction over the
+    ``tokens`` rows of a batch (``dW = Σ_rows hᵀ·δ``), the sum that micro-batching splits.
+    """
+    d, hd, h = config.hidden_size, config.head_dim, config.num_heads
+    per_layer = 2 * d + d + hd + 2 * seq_len + h * hd + d + config.intermediate_size + 2
+    forward = config.num_layers * per_layer + d + d + config.vocab_size + 1
+    return 2 * forward + tokens if backward else forward
