@@ -16,6 +16,7 @@ from jaxpref.evaluation import load_judge
 from jaxpref.loading import SpecError
 from jaxpref.models import presets, save_hf
 from jaxpref.testing.models import fast_compile, random_model
+from jaxpref.testing.tolerances import gamma
 from jaxpref.testing.tokenizers import make_tokenizer
 from jaxpref.training import step as steplib
 from jaxpref.types import PairBatch
@@ -67,7 +68,9 @@ def test_train_two_steps_and_judge(tmp_path, shared_data):
     from train.reward_model import main
 
     hf = tmp_path / "hf"
-    save_hf(random_model(presets.tiny_llama(vocab_size=512), seed=0), hf)
+    backbone = random_model(presets.tiny_llama(vocab_size=512), seed=0)
+    backbone.final_norm.scale_d[...] = 0.0  # every step-1 reward is exactly the head's bias (0)
+    save_hf(backbone, hf)
     make_tokenizer().save_pretrained(hf)
     run = tmp_path / "rm"
     main([f"run_dir={run}", f"data.train={shared_data / 'hh_rlhf_helpful_base_test_2k.jsonl'}",
@@ -79,7 +82,15 @@ def test_train_two_steps_and_judge(tmp_path, shared_data):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert {"loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(rows[0])
-    assert rows[0]["loss"] == pytest.approx(math.log1p(math.exp(-rows[0]["rewards/margins"])), abs=0.5)
+    # step 1 (the initial weights): margins are exactly 0, so the BT loss is softplus(0) = ln 2 up to float32
+    # rounding: softplus (log1p∘exp, 2 ops + 1 for exp's error) then a mean of n <= 8 equal terms: 2γ_{8+3}·ln 2
+    first = rows[0]
+    assert first["rewards/margins"] == first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    assert first["accuracy"] == 0.0  # a zero margin is not a correct ranking
+    assert first["loss"] == pytest.approx(math.log(2.0), abs=2 * gamma(8 + 3) * math.log(2.0))
+    # step 2: the mean BT loss is convex in the margins, so Jensen bounds it below by the loss of the mean margin
+    second = rows[1]
+    assert second["loss"] >= math.log1p(math.exp(-second["rewards/margins"])) - 2 * gamma(8 + 3) * second["loss"]
 
     judge = load_judge(f"rm:{run}")
     prompts = ["\n\nHuman: hi\n\nAssistant:"] * 3
