@@ -78,3 +78,19 @@ def transformer_chain_length(config, seq_len: int, *, backward: bool = False, to
     per_layer = 2 * d + d + hd + 2 * seq_len + h * hd + d + config.intermediate_size + 2
     forward = config.num_layers * per_layer + d + d + config.vocab_size + 1
     return 2 * forward + tokens if backward else forward
+
+
+def low_precision_stages(config) -> int:
+    """Number of roundings to the compute dtype along one token's path to the final hidden state.
+
+    With ``dtype=bfloat16`` each op rounds its output (and each float32 weight is rounded when cast):
+    the embedding (1); per layer, attention: norm output and scale (2), Q/K/V weights and outputs (6), RoPE
+    on Q and K (2), scores, softmax, weighted values (3), output weight and projection (2), residual add (1);
+    MLP: norm (2), gate/up weights and outputs (4; 2 without a gate), activation and product (2), down weight
+    and output (2), residual add (1); then the final norm (2). To first order with unit-gain propagation
+    (the RMS norms keep the residual stream's scale), the final hidden state's relative norm-wise error is
+    at most this count times ``u``.
+    """
+    mlp = 2 + (4 if config.traits.gated_mlp else 2) + 2 + 2 + 1
+    attention = 2 + 6 + 2 + 3 + 2 + 1
+    return 1 + config.num_layers * (attention + mlp) + 2
