@@ -90,14 +90,12 @@ def test_precomputed_reference_equals_live(setup):
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
-def test_mesh_shapes_agree(setup, shape):
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_mesh_shapes_agree(eight_devices, setup, shape):
     cfg = setup[0]
     batch = make_batch(cfg, seed=1)
     one = parallel.make_mesh(parallel.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     base, m_base, *_ = _run(setup, mesh=one, batch=batch, micro=2)
-    mesh = parallel.make_mesh(parallel.MeshConfig(*shape))
+    mesh = parallel.make_mesh(parallel.MeshConfig(*shape), devices=eight_devices)
     new, metrics, *_ = _run(setup, mesh=mesh, batch=batch, micro=2)
     for k in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
         assert metrics[k] == pytest.approx(m_base[k], rel=1e-5, abs=1e-5), k
