@@ -8,7 +8,7 @@ import pytest
 
 from jaxpref import losses, models, parallel
 from jaxpref.config import OptimConfig
-from jaxpref.testing.tolerances import relative_tol, transformer_chain_length
+from jaxpref.testing.tolerances import assert_same_sgd_step, dpo_step_bounds
 from jaxpref.training import optim
 from jaxpref.training import step as S
 from jaxpref.types import PairBatch, SFTBatch
@@ -81,47 +81,16 @@ def _row_grad_norms(setup, batch) -> np.ndarray:
 
 
 def _reassociation_bounds(setup, batch, metrics, *, sft: bool = False) -> dict:
-    """Worst-case bounds on |a − b| for two programs computing the same DPO(+SFT) step on ``batch`` with
-    the policy equal to the reference (step 0), in different layouts (micro-batches, meshes, a precomputed
-    reference). See jaxpref.testing.tolerances.
-
-    Each row's log-prob sum ℓ (all its terms negative) is within ``ρ·|ℓ|`` between the two programs, with
-    ``ρ = 2γ_{chain+B}`` (one token's rounding chain through the model, then the batch mean); the margin
-    ``h = (ℓ_c − r_c) − (ℓ_r − r_r)`` within ``ρ·(|ℓ_c| + |r_c| + |ℓ_r| + |r_r|)``; the sigmoid loss
-    ``mean softplus(−βh)`` within ``β·mean δh`` (|σ| <= 1). The gradient ``Σ_rows (∂L/∂ℓ_row)·∇ℓ_row`` within
-    ``2γ_{backward chain}·Σ_rows |∂L/∂ℓ_row|·‖∇ℓ_row‖`` plus the coefficients' error ``β²/4·δh/B·‖∇ℓ_row‖``,
-    with ``|∂L/∂ℓ| <= β/B`` (sigmoid) ``+ 1/Σn_chosen`` (SFT, chosen rows).
-    """
-    cfg, graphdef, params, rest = setup
-    b, _, t = batch.input_ids.shape
-    rho = relative_tol(transformer_chain_length(cfg, t) + b)
+    """Rounding bounds (:func:`dpo_step_bounds`) for two programs computing the same step on ``batch``
+    with the policy equal to the reference (step 0), so |r| = |ℓ|; SFT with weight 1 when ``sft``."""
     lc, lr = abs(float(metrics["logps/chosen"])), abs(float(metrics["logps/rejected"]))
-    d_h = rho * 2 * (lc + lr)  # mean over pairs of δh (reference == policy: |r| = |ℓ|)
-    out = {"logps/chosen": rho * lc, "logps/rejected": rho * lr, "rewards/margins": BETA * d_h,
-           "loss/sigmoid": BETA * d_h + relative_tol(b + 3) * float(metrics["loss/sigmoid"])}
-    out["loss"] = out["loss/sigmoid"]
-    if sft:
-        out["loss/sft"] = rho * float(metrics["loss/sft"])
-        out["loss"] += out["loss/sft"]
-    grad_rows = _row_grad_norms(setup, batch)
-    coef = np.full((b, 2), BETA / b + BETA * BETA / 4 * d_h / b)
-    if sft:
-        coef[:, 0] += 1.0 / float(np.asarray(S.pair_counts(batch))[:, 0].sum())
-    g_chain = transformer_chain_length(cfg, t, backward=True, tokens=2 * b * t)
-    out["gradient"] = relative_tol(g_chain) * float((coef * grad_rows).sum())
-    out["grad_norm"] = out["gradient"] + relative_tol(sum(x.size for x in jax.tree.leaves(params))) * float(
-        metrics["grad_norm"])
-    return out
+    return dpo_step_bounds(setup[0], batch.input_ids.shape[-1], metrics, row_grad_norms=_row_grad_norms(setup, batch),
+                           reference_abs=lc + lr, beta=BETA, sft_weight=1.0 if sft else 0.0,
+                           sft_tokens=float(np.asarray(S.pair_counts(batch))[:, 0].sum()))
 
 
 def _assert_same_step(a, m_a, b, m_b, bounds):
-    for key, bound in bounds.items():
-        if key != "gradient":
-            assert abs(float(m_a[key]) - float(m_b[key])) <= bound, (key, float(m_a[key]), float(m_b[key]), bound)
-    # p − lr·g: lr·‖δg‖ plus one rounding of each updated parameter
-    flat = lambda s: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(s.params)])
-    pa, pb = flat(a), flat(b)
-    assert np.linalg.norm(pa - pb) <= LR * bounds["gradient"] + relative_tol(1) * np.linalg.norm(pa)
+    assert_same_sgd_step(a.params, m_a, b.params, m_b, bounds, LR)
 
 
 def test_step0_dpo_loss_is_ln2_and_reference_frozen(setup):

@@ -94,3 +94,64 @@ def low_precision_stages(config) -> int:
     mlp = 2 + (4 if config.traits.gated_mlp else 2) + 2 + 2 + 1
     attention = 2 + 6 + 2 + 3 + 2 + 1
     return 1 + config.num_layers * (attention + mlp) + 2
+
+
+def dpo_step_bounds(config, seq_len: int, metrics, *, row_grad_norms, reference_abs, beta: float,
+                    sft_weight: float = 0.0, sft_tokens: float = 1.0) -> dict[str, float]:
+    """Worst-case bounds on ``|a − b|`` for two programs computing the same DPO-sigmoid (+ weighted SFT) step
+    in different layouts (micro-batches, packing, meshes, a precomputed reference).
+
+    Each row's log-prob sum ℓ (all its terms negative) is within ``ρ·|ℓ|`` between the programs, with
+    ``ρ = 2γ_{chain + B}`` (:func:`transformer_chain_length` of the longest row, then the batch mean). The
+    margin ``h = (ℓ_c − r_c) − (ℓ_r − r_r)`` is then within ``ρ·(|ℓ_c| + |r_c| + |ℓ_r| + |r_r|)``, the loss
+    ``mean softplus(−βh)`` within ``β·mean δh`` (``σ <= 1``), the SFT term (a ratio of same-sign sums) within
+    ``ρ`` relative. The gradient ``Σ_rows (∂L/∂ℓ_row)·∇ℓ_row`` is within
+    ``2γ_{backward chain}·Σ_rows |∂L/∂ℓ_row|·‖∇ℓ_row‖`` plus its coefficients' error ``β²/4·δh/B·‖∇ℓ_row‖``,
+    with ``|∂L/∂ℓ| <= β/B`` (sigmoid) ``+ w_sft/Σn_chosen`` (chosen rows).
+
+    Args:
+      metrics: the step's metrics (``logps/chosen``, ``logps/rejected``, ``loss/sigmoid``, ``grad_norm``,
+        ``loss/sft`` when ``sft_weight``): magnitudes only.
+      row_grad_norms: ``[B, 2]`` ‖∇θ ℓ‖ of each chosen / rejected row (valid pairs only).
+      reference_abs: mean |r_c| + mean |r_r| (the reference log-probs' magnitude).
+      sft_tokens: Σ chosen tokens of the batch (the SFT denominator).
+
+    Returns:
+      bounds for the metrics named above plus ``loss``, ``rewards/margins``, ``gradient`` (a norm-wise bound
+      on the gradient difference) and ``grad_norm``.
+    """
+    b = row_grad_norms.shape[0]
+    rho = relative_tol(transformer_chain_length(config, seq_len) + b)
+    lc, lr = abs(float(metrics["logps/chosen"])), abs(float(metrics["logps/rejected"]))
+    d_h = rho * (lc + lr + reference_abs)  # the batch mean of δh
+    out = {"logps/chosen": rho * lc, "logps/rejected": rho * lr, "rewards/margins": beta * d_h,
+           "loss/sigmoid": beta * d_h + relative_tol(b + 3) * abs(float(metrics["loss/sigmoid"]))}
+    out["loss"] = out["loss/sigmoid"]
+    coef = np.full((b, 2), beta / b + beta * beta / 4 * d_h / b)
+    if sft_weight:
+        out["loss/sft"] = rho * abs(float(metrics["loss/sft"]))
+        out["loss"] += sft_weight * out["loss/sft"]
+        coef[:, 0] += sft_weight / sft_tokens
+    g_chain = transformer_chain_length(config, seq_len, backward=True, tokens=2 * b * seq_len)
+    out["gradient"] = relative_tol(g_chain) * float((coef * row_grad_norms).sum())
+    out["grad_norm"] = out["gradient"] + relative_tol(config.num_params()) * abs(float(metrics["grad_norm"]))
+    return out
+
+
+def assert_same_sgd_step(params_a, metrics_a, params_b, metrics_b, bounds: dict[str, float], lr: float) -> None:
+    """Every metric in ``bounds`` within its bound, and the parameters after ``p − lr·g`` within
+    ``lr·bounds['gradient']`` plus one rounding of each parameter (norm-wise)."""
+    for key, bound in bounds.items():
+        if key != "gradient":
+            a, b = float(metrics_a[key]), float(metrics_b[key])
+            assert abs(a - b) <= bound, f"{key}: {a} vs {b}, |diff| {abs(a - b):.3g} > bound {bound:.3g}"
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in _leaves(tree)])
+    pa, pb = flat(params_a), flat(params_b)
+    diff, bound = np.linalg.norm(pa - pb), lr * bounds["gradient"] + relative_tol(1) * np.linalg.norm(pa)
+    assert diff <= bound, f"parameters: ‖diff‖ {diff:.3g} > bound {bound:.3g}"
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
