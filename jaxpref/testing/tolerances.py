@@ -155,3 +155,17 @@ def _leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+def dpo_ln2_tol(config, seq_len: int, logps_chosen: float, logps_rejected: float, *, beta: float,
+                n_pairs: int) -> float:
+    """Bound on ``|loss − ln 2|`` for a DPO-sigmoid step whose policy equals its reference (step 0).
+
+    The policy's and the reference's forward passes are two programs (or two parts of one) over the same
+    weights: each row's ℓ is within ``ρ·|ℓ|`` (:func:`dpo_step_bounds`), so the margin ``β·h`` is within
+    ``β·ρ·2(|ℓ_c| + |ℓ_r|)`` of 0, and ``softplus(−βh)`` moves by at most half of that (slope 1/2 at 0), plus
+    the rounding of ``softplus(0) = ln 2`` and of the batch mean (``2γ_{B+3}·ln 2``). ``logps_*``: the batch
+    means of the chosen / rejected log-prob sums.
+    """
+    rho = relative_tol(transformer_chain_length(config, seq_len) + n_pairs)
+    return 0.5 * beta * rho * 2 * (abs(logps_chosen) + abs(logps_rejected)) + relative_tol(n_pairs + 3) * np.log(2)
