@@ -169,3 +169,30 @@ def dpo_ln2_tol(config, seq_len: int, logps_chosen: float, logps_rejected: float
     """
     rho = relative_tol(transformer_chain_length(config, seq_len) + n_pairs)
     return 0.5 * beta * rho * 2 * (abs(logps_chosen) + abs(logps_rejected)) + relative_tol(n_pairs + 3) * np.log(2)
+
+
+def log_softmax_tols(hidden, w_dv, input_ids, loss_mask) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds for two float32 evaluations of ``log softmax(h·W)[next token]`` (any chunking or layout).
+
+    Per target token: the logits ``z_v = Σ_d h_d W_dv`` are within ``2γ_D·A_v`` (``A = |h|·|W|``); ``z_y − lse``
+    moves by at most ``δz_y + max_v δz_v`` (lse is 1-Lipschitz in the max-norm); the max shift, exp, the
+    V-term sum of positive terms, log and the subtraction add ``2γ_{V+4}·(|z_y| + |lse| + 1)``.
+
+    Returns:
+      ``([N, T] per-token bounds (0 where not a target, position 0 included), [N] bounds of the masked sums)``
+      (the sum of T one-signed terms adds ``2γ_T·Σ|lp|``).
+    """
+    h = np.asarray(hidden, np.float64)
+    w = np.asarray(w_dv, np.float64)
+    ids = np.asarray(input_ids)
+    mask = np.asarray(loss_mask, np.float64)[:, 1:]
+    d, v = w.shape
+    z = h[:, :-1] @ w  # [N, T-1, V]
+    a = np.abs(h[:, :-1]) @ np.abs(w)
+    top = z.max(-1, keepdims=True)
+    lse = (top + np.log(np.exp(z - top).sum(-1, keepdims=True)))[..., 0]
+    tgt = ids[:, 1:, None]
+    z_y, a_y = np.take_along_axis(z, tgt, -1)[..., 0], np.take_along_axis(a, tgt, -1)[..., 0]
+    tok = (2 * gamma(d) * (a_y + a.max(-1)) + 2 * gamma(v + 4) * (np.abs(z_y) + np.abs(lse) + 1.0)) * mask
+    sums = tok.sum(-1) + 2 * gamma(ids.shape[1]) * (np.abs(z_y - lse) * mask).sum(-1)
+    return np.concatenate([np.zeros_like(tok[:, :1]), tok], 1), sums
