@@ -196,3 +196,20 @@ def log_softmax_tols(hidden, w_dv, input_ids, loss_mask) -> tuple[np.ndarray, np
     tok = (2 * gamma(d) * (a_y + a.max(-1)) + 2 * gamma(v + 4) * (np.abs(z_y) + np.abs(lse) + 1.0)) * mask
     sums = tok.sum(-1) + 2 * gamma(ids.shape[1]) * (np.abs(z_y - lse) * mask).sum(-1)
     return np.concatenate([np.zeros_like(tok[:, :1]), tok], 1), sums
+
+
+def hidden_state_tol(config, seq_len: int) -> float:
+    """Relative norm-wise bound ``‖h_a − h_b‖ <= this·‖h‖`` for one token's final hidden state computed by two
+    float32 programs (batching, packing, a KV cache): 2γ of :func:`transformer_chain_length` without the
+    unembedding and log-softmax stages (first order; the RMS / layer norms keep the residual scale)."""
+    return relative_tol(transformer_chain_length(config, seq_len) - config.vocab_size - config.hidden_size - 1)
+
+
+def logits_tol(config, seq_len: int, hidden, w_dv) -> np.ndarray:
+    """``[..., V]`` bounds on two float32 programs' logits ``h·W`` of the same tokens: the hidden state's
+    (:func:`hidden_state_tol`, by Cauchy-Schwarz ``‖δh‖·‖W_v‖``) plus the dot product's ``2γ_D·(|h|·|W|)_v``."""
+    h = np.asarray(hidden, np.float64)
+    w = np.asarray(w_dv, np.float64)
+    norm_h = np.linalg.norm(h, axis=-1, keepdims=True)
+    return (hidden_state_tol(config, seq_len) * norm_h * np.linalg.norm(w, axis=0)
+            + 2 * gamma(w.shape[0]) * (np.abs(h) @ np.abs(w)))
