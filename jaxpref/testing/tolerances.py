@@ -213,3 +213,20 @@ def logits_tol(config, seq_len: int, hidden, w_dv) -> np.ndarray:
     norm_h = np.linalg.norm(h, axis=-1, keepdims=True)
     return (hidden_state_tol(config, seq_len) * norm_h * np.linalg.norm(w, axis=0)
             + 2 * gamma(w.shape[0]) * (np.abs(h) @ np.abs(w)))
+
+
+def token_logp_tol(config, seq_len: int, logps) -> np.ndarray:
+    """Bounds for one token's log-prob through the model, computed by two float32 programs (a KV cache vs a
+    full forward, a batch vs one row): ``2γ_chain·(|lp| + ln V + 1)``, where ``|lp| + ln V + 1`` bounds the
+    cancelling terms ``|z_y| + |lse|`` of a log-softmax when the logits are small next to ``ln V`` (random
+    test models near initialisation; pass a larger magnitude for trained or confident models)."""
+    lp = np.abs(np.asarray(logps, np.float64))
+    return relative_tol(transformer_chain_length(config, seq_len)) * (lp + np.log(config.vocab_size) + 1.0)
+
+
+def log_softmax_tol(vocab_size: int, logps) -> np.ndarray:
+    """Bounds for two float32 log-softmaxes of the *same* logits: the V-term sum of ``exp(z − max)`` is within
+    ``2γ_{V+3}`` relative (shift, exp, sum), which ``log`` turns into an absolute error; the final
+    subtraction adds ``2u·(|z_y| + |lse|)``, bounded by ``2u·(|lp| + 2 ln V)`` for small logits."""
+    lp = np.abs(np.asarray(logps, np.float64))
+    return 2 * gamma(vocab_size + 3) + 2 * U32 * (lp + 2 * np.log(vocab_size))
