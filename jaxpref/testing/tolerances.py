@@ -29,6 +29,7 @@ EPS32 = float(np.finfo(np.float32).eps)  # 2⁻²³: float32 spacing at 1; unit 
 EPS_BF16 = 2.0 ** -7  # bfloat16 spacing at 1 (7 stored mantissa bits); unit roundoff u = 2⁻⁸
 U32 = EPS32 / 2
 U_BF16 = EPS_BF16 / 2
+U64 = float(np.finfo(np.float64).eps) / 2  # float64 unit roundoff 2⁻⁵³
 
 
 def gamma(n: int, u: float = U32) -> float:
