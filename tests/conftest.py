@@ -1,9 +1,10 @@
 """Shared test setup.
 
-Eight fake CPU devices are configured before JAX initialises so mesh tests can run anywhere.
-Real data lives in ``../shared/data`` (never committed here); tests that need it use the
-``shared_data`` fixture, which skips with a reason when it is absent unless
-``JAXPREF_REQUIRE_SHARED=1`` (CI), where absence is an error.
+Eight fake CPU devices are configured before JAX initialises so mesh tests can run anywhere; the
+``eight_devices`` fixture skips with a reason when fewer are visible, except under
+``JAXPREF_REQUIRE_SHARED=1`` (CI), where that is an error. Real data lives in ``../shared/data``
+(never committed here); tests that need it use the ``shared_data`` fixture, which skips the same way.
+Tests marked ``gpu`` are skipped with a reason unless JAX's default backend is an accelerator.
 
 Compile settings (the suite is compile-bound on a 2-core machine):
 
@@ -49,6 +50,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["pytester"]  # tests/test_conftest.py runs the hooks below on tiny generated suites
+
+GPU_SKIP_REASON = "needs a GPU/TPU; jax.devices() is cpu"
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("JAXPREF_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -66,6 +71,38 @@ def shared_data() -> pathlib.Path:
             pytest.fail(msg + "; JAXPREF_REQUIRE_SHARED=1 makes this an error")
         pytest.skip(msg)
     return SHARED_DATA
+
+
+def require_devices(have: int, need: int) -> None:
+    """Skips (fails under JAXPREF_REQUIRE_SHARED=1) when ``have`` < ``need`` JAX devices are visible."""
+    if have >= need:
+        return
+    msg = (f"needs {need} (fake) devices, {have} visible: "
+           f"XLA_FLAGS=--xla_force_host_platform_device_count={need}")
+    if _require_shared():
+        pytest.fail(msg + "; JAXPREF_REQUIRE_SHARED=1 makes this an error")
+    pytest.skip(msg)
+
+
+@pytest.fixture
+def eight_devices() -> list:
+    """The 8 devices mesh tests shard over (see :func:`require_devices`)."""
+    import jax
+
+    require_devices(len(jax.devices()), 8)
+    return jax.devices()[:8]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips ``gpu``-marked tests, with a reason, unless JAX's default backend is an accelerator."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return  # no JAX import (or backend start) for suites without gpu tests
+    import jax
+
+    if jax.default_backend() == "cpu":
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason=GPU_SKIP_REASON))
 
 
 @pytest.fixture(autouse=True, scope="session")

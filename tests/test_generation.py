@@ -14,6 +14,7 @@ from jaxpref import generation
 from jaxpref.generation import SamplingConfig, generate, left_pad
 from jaxpref.models import presets
 from jaxpref.models.registry import build_model
+from jaxpref.testing.tolerances import log_softmax_tol, token_logp_tol
 
 # initializer_range 0.5 spreads the random logits, so greedy choices are far from ties and the
 # cached and uncached forwards (different summation orders) pick the same tokens.
@@ -21,6 +22,12 @@ INIT = 0.5
 PROMPTS = [[5, 17, 33, 9, 41], [7, 3], [11, 12, 13]]
 GREEDY = SamplingConfig(max_new_tokens=6, temperature=0.0)
 SAMPLE = SamplingConfig(max_new_tokens=6, temperature=1.0)
+
+
+def _close(got, want, tol):
+    """|got − want| <= tol elementwise (tol: a derived bound from jaxpref.testing.tolerances)."""
+    err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    assert np.all(err <= tol), f"max |diff| {err.max():.3g}, max excess {(err - tol).max():.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,8 @@ def test_greedy_matches_uncached_argmax_loop(preset, batch):
     for row, prompt in enumerate(PROMPTS):
         ref_tokens, ref_logps = _greedy_reference(model, prompt, n)
         assert out.completion[row].tolist() == ref_tokens, (preset, row)
-        np.testing.assert_allclose(out.logprobs[row], ref_logps, atol=1e-5, rtol=1e-5)
+        # KV-cache decode vs uncached forwards: the token's rounding chain (tolerances.token_logp_tol)
+        _close(out.logprobs[row], ref_logps, token_logp_tol(model.config, ids.shape[1] + n, ref_logps))
     np.testing.assert_array_equal(out.completion_mask, 1)
     np.testing.assert_array_equal(out.lengths, n)
     np.testing.assert_array_equal(out.sampling_logprobs, 0.0)
@@ -87,13 +95,14 @@ def test_left_padded_batch_matches_rows_alone(model, batch):
     for row, prompt in enumerate(PROMPTS):
         alone = generate(model, [prompt], key=keys[row : row + 1], config=config)
         assert batched.completion[row].tolist() == alone.completion[0].tolist(), row
-        np.testing.assert_allclose(batched.logprobs[row], alone.logprobs[0], atol=1e-5)
-        np.testing.assert_allclose(batched.sampling_logprobs[row], alone.sampling_logprobs[0], atol=1e-5)
+        tol = token_logp_tol(model.config, ids.shape[1] + config.max_new_tokens, alone.logprobs[0])
+        _close(batched.logprobs[row], alone.logprobs[0], tol)  # a batch vs one row: two programs
+        _close(batched.sampling_logprobs[row], alone.sampling_logprobs[0], tol)  # the filtered softmax: same chain
         # and the model log-probs are those of an uncached forward over prompt + completion
         completion = batched.completion[row].tolist()
         logps = _uncached_logps(model, prompt + completion)
         ref = [logps[len(prompt) - 1 + j, t] for j, t in enumerate(completion)]
-        np.testing.assert_allclose(batched.logprobs[row], ref, atol=1e-5)
+        _close(batched.logprobs[row], ref, tol)
         # sampled tokens only ever come from the top-k set
         for j, t in enumerate(completion):
             assert t in np.argsort(-logps[len(prompt) - 1 + j])[: config.top_k]
@@ -120,7 +129,7 @@ def test_sampling_is_reproducible_and_key_dependent(model, batch):
     d = generate(model, ids, mask, key=jax.random.PRNGKey(1), config=config)
     np.testing.assert_array_equal(a.completion, d.completion)
     # temperature 1, no filtering: the sampling distribution is the model's
-    np.testing.assert_allclose(a.sampling_logprobs, a.logprobs, atol=1e-6)
+    _close(a.sampling_logprobs, a.logprobs, log_softmax_tol(model.config.vocab_size, a.logprobs))  # same logits
     assert np.all(a.logprobs < 0)
 
 
@@ -129,8 +138,8 @@ def test_top_k_1_equals_greedy(model, batch):
     greedy = generate(model, ids, mask, key=jax.random.key(0), config=GREEDY)
     top1 = generate(model, ids, mask, key=jax.random.key(5), config=SAMPLE.replace(temperature=1.7, top_k=1))
     np.testing.assert_array_equal(top1.completion, greedy.completion)
-    np.testing.assert_allclose(top1.logprobs, greedy.logprobs, atol=1e-6)
-    np.testing.assert_allclose(top1.sampling_logprobs, 0.0, atol=1e-6)  # a point mass
+    _close(top1.logprobs, greedy.logprobs, log_softmax_tol(model.config.vocab_size, greedy.logprobs))  # same logits
+    _close(top1.sampling_logprobs, 0.0, log_softmax_tol(1, 0.0))  # a point mass: one term, log(1) = 0
 
 
 def test_filter_sets():
@@ -156,7 +165,8 @@ def test_eos_stops_rows(model, batch):
         assert out.completion[row].tolist() == full[:stop] + [-7] * (n - stop)
         assert out.completion_mask[row].tolist() == [1] * stop + [0] * (n - stop)
         assert int(out.lengths[row]) == stop
-        np.testing.assert_allclose(out.logprobs[row, :stop], free.logprobs[row, :stop], atol=1e-6)
+        _close(out.logprobs[row, :stop], free.logprobs[row, :stop],
+               token_logp_tol(model.config, ids.shape[1] + n, free.logprobs[row, :stop]))  # two programs
         np.testing.assert_array_equal(out.logprobs[row, stop:], 0.0)
     # every row hitting EOS at step 0 ends the loop early: all later columns are padding
     first = tuple(int(t) for t in free.completion[:, 0])

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxpref import losses
+from jaxpref.testing.tolerances import U64, relative_tol
 
 B = 8  # shared with the parity tests so eager-op caches are reused
 # Losses whose per-example value depends on the other rows of the batch (sorting).
@@ -25,8 +26,15 @@ OPTIONAL_PATHS = {
 }
 
 
-def full_inputs(seed: int = 0, batch: int = B, **override) -> losses.LossInputs:
-    """Every LossInputs field filled with plausible random float32 values."""
+# Algebra tests (a composition is its weighted parts, micro-batches add up, a mask drops rows, jit == eager)
+# run in float64 (inside jax.enable_x64), so float32 round-off cannot decide them: at most 64 rounding ops per
+# value on terms of magnitude <= 1000 (|log-probs| <= 66, times β⁻¹, weights <= 2, squared IPO margins):
+# 2γ_64(u64)·1000 ≈ 1.4e-11 (jaxpref.testing.tolerances).
+X64 = dict(rtol=relative_tol(64, U64) * 1000, atol=relative_tol(64, U64) * 1000)
+
+
+def full_inputs(seed: int = 0, batch: int = B, dtype=jnp.float32, **override) -> losses.LossInputs:
+    """Every LossInputs field filled with plausible random float32 values (held in ``dtype``)."""
     rng = np.random.default_rng(seed)
     n_c, n_r, n_s = (rng.integers(1, 30, batch).astype(np.float32) for _ in range(3))
     pc, pr = -n_c * rng.uniform(0.3, 2.0, batch), -n_r * rng.uniform(0.3, 2.0, batch)
@@ -43,7 +51,7 @@ def full_inputs(seed: int = 0, batch: int = B, **override) -> losses.LossInputs:
         bco_delta=np.float32(rng.normal(0, 0.1)),
     )
     fields.update(override)
-    return losses.LossInputs(**{k: jnp.asarray(v, jnp.float32) for k, v in fields.items()})
+    return losses.LossInputs(**{k: jnp.asarray(np.asarray(v, np.float32), dtype) for k, v in fields.items()})
 
 
 def _extreme_batch() -> losses.LossInputs:
@@ -142,12 +150,14 @@ def test_compiled_composition_matches_eager():
     def total(pc, x):
         return comp(dataclasses.replace(x, policy_chosen_logps=pc))[0]
 
-    inputs = full_inputs(seed=1)
-    fn = jax.value_and_grad(total)
-    jit_values, jit_grads = jax.jit(fn)(inputs.policy_chosen_logps, inputs)
-    values, grads = fn(inputs.policy_chosen_logps, inputs)
-    np.testing.assert_allclose(jit_values, values, rtol=1e-5)
-    np.testing.assert_allclose(jit_grads, grads, rtol=1e-4, atol=1e-6)
+    with jax.enable_x64(True):
+        inputs = full_inputs(seed=1, dtype=jnp.float64)
+        fn = jax.value_and_grad(total)
+        jit_values, jit_grads = jax.jit(fn)(inputs.policy_chosen_logps, inputs)
+        values, grads = fn(inputs.policy_chosen_logps, inputs)
+        assert jit_values.dtype == jnp.float64
+    np.testing.assert_allclose(jit_values, values, **X64)
+    np.testing.assert_allclose(jit_grads, grads, **X64)
 
 
 # ----------------------------------------------------------------------------- composition
@@ -163,11 +173,12 @@ SPEC_NAMES = ["sigmoid", "ipo", "sft", "simpo", "nll_token_mean", "orpo", "typo"
 )
 def test_composition_equals_weighted_sum_of_parts(picks, weights, seed):
     spec = [{"name": n, "weight": w} for n, w in zip(picks, weights)]
-    inputs = full_inputs(seed)
-    mask = jnp.asarray(np.random.default_rng(seed).uniform(size=B) < 0.7).at[0].set(True)
-    total, outputs, metrics = losses.compose(spec)(inputs, mask)
-    expected = sum(w * losses.reduce_term(losses.get(n)(inputs), mask) for n, w in zip(picks, weights))
-    np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-5)
+    with jax.enable_x64(True):
+        inputs = full_inputs(seed, dtype=jnp.float64)
+        mask = jnp.asarray(np.random.default_rng(seed).uniform(size=B) < 0.7).at[0].set(True)
+        total, outputs, metrics = losses.compose(spec)(inputs, mask)
+        expected = sum(w * losses.reduce_term(losses.get(n)(inputs), mask) for n, w in zip(picks, weights))
+    np.testing.assert_allclose(total, expected, **X64)
     assert len(outputs) == len(picks) and metrics["loss"] is total
 
 
@@ -180,7 +191,11 @@ def test_micro_batches_with_global_denominators_equal_full_batch(seed, split, dr
     equivalent, see test_mask_equals_dropping_rows).
     """
     comp = losses.compose([{"name": "sigmoid"}, {"name": "sft", "weight": 0.5}, {"name": "ipo", "weight": 0.2}])
-    full = full_inputs(seed)
+    with jax.enable_x64(True):
+        _micro_batches_equal_full_batch(comp, full_inputs(seed, dtype=jnp.float64), split, drop)
+
+
+def _micro_batches_equal_full_batch(comp, full, split, drop):
     mask = jnp.ones(B, bool).at[drop].set(False)
     micro = [mask & (jnp.arange(B) < split), mask & (jnp.arange(B) >= split)]
     dens = {k: d for k, (_, d) in comp.sums(comp.outputs(full), mask).items()}
@@ -190,18 +205,21 @@ def test_micro_batches_with_global_denominators_equal_full_batch(seed, split, dr
 
     want, want_grad = jax.value_and_grad(total)(full.policy_chosen_logps, mask)
     got = [jax.value_and_grad(total)(full.policy_chosen_logps, m, dens) for m in micro]
-    np.testing.assert_allclose(got[0][0] + got[1][0], want, rtol=1e-5)
-    np.testing.assert_allclose(got[0][1] + got[1][1], want_grad, rtol=1e-5, atol=1e-7)
+    assert want.dtype == jnp.float64
+    np.testing.assert_allclose(got[0][0] + got[1][0], want, **X64)
+    np.testing.assert_allclose(got[0][1] + got[1][1], want_grad, **X64)
 
 
 @pytest.mark.parametrize("name", sorted(set(losses.available()) - BATCH_COUPLED))
 def test_mask_equals_dropping_rows(name):
     hp = losses.make_hparams(name, OPTIONAL_PATHS.get(name, {}))
-    inputs = full_inputs(seed=3)
-    mask = jnp.asarray([True, False, True, False, True, True, False, True])
-    kept = jax.tree.map(lambda a: a[jnp.asarray([0, 2, 4, 5, 7])] if jnp.ndim(a) else a, inputs)
-    fn = losses.get(name)
-    np.testing.assert_allclose(losses.reduce_term(fn(inputs, hp), mask), losses.reduce_term(fn(kept, hp)), rtol=1e-6)
+    with jax.enable_x64(True):
+        inputs = full_inputs(seed=3, dtype=jnp.float64)
+        mask = jnp.asarray([True, False, True, False, True, True, False, True])
+        kept = jax.tree.map(lambda a: a[jnp.asarray([0, 2, 4, 5, 7])] if jnp.ndim(a) else a, inputs)
+        fn = losses.get(name)
+        masked, dropped = losses.reduce_term(fn(inputs, hp), mask), losses.reduce_term(fn(kept, hp))
+    np.testing.assert_allclose(masked, dropped, **X64)
 
 
 def test_duplicate_names_get_distinct_keys_and_explicit_keys():
@@ -211,7 +229,9 @@ def test_duplicate_names_get_distinct_keys_and_explicit_keys():
     assert set(outputs) == {"sigmoid", "sigmoid_2", "slic"} and "sigmoid_2/rewards/chosen" in metrics
     assert losses.build is losses.compose
     jitted = jax.jit(lambda x: comp(x)[0])  # a Composition is a closure-friendly static value
-    np.testing.assert_allclose(jitted(full_inputs()), comp(full_inputs())[0], rtol=1e-6)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(jitted(full_inputs(dtype=jnp.float64)), comp(full_inputs(dtype=jnp.float64))[0],
+                                   **X64)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -321,4 +341,6 @@ def test_hparams_are_hashable_and_usable_as_static_args():
     hp = losses.make_hparams("sigmoid", beta=0.3)
     assert hash(hp) == hash(losses.DPOHParams(beta=0.3))
     fn = jax.jit(functools.partial(losses.get("sigmoid").fn), static_argnums=1)
-    np.testing.assert_allclose(fn(full_inputs(), hp).loss, losses.get("sigmoid")(full_inputs(), hp).loss, rtol=1e-6)
+    with jax.enable_x64(True):
+        x = full_inputs(dtype=jnp.float64)
+        np.testing.assert_allclose(fn(x, hp).loss, losses.get("sigmoid")(x, hp).loss, **X64)

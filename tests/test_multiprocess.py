@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+from jaxpref.models import presets
+from jaxpref.testing.tolerances import dpo_ln2_tol
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -51,4 +54,11 @@ def test_two_processes_match_one(tmp_path, shared_data, subprocess_env):
     assert single.returncode == 0, single.stderr[-3000:]
     multi, one = _losses(tmp_path / "multi"), _losses(tmp_path / "single")
     assert len(multi) == len(one) == 2
-    assert multi == pytest.approx(one, rel=1e-5, abs=1e-6)
+    # step 1 (policy == reference): each run's loss is within the derived bound of ln 2 (tolerances.dpo_ln2_tol)
+    rows = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    bound = dpo_ln2_tol(presets.tiny_llama(vocab_size=512), 128, rows[0]["logps/chosen"], rows[0]["logps/rejected"],
+                        beta=0.1, n_pairs=8)
+    assert abs(multi[0] - one[0]) <= 2 * bound
+    # step 2 follows one Adam update, whose first step g/(|g| + ε) is not Lipschitz in g near 0, so no
+    # rounding bound exists; a data-parallel bug (a process's rows lost or counted twice) moves it by far more
+    assert multi[1] == pytest.approx(one[1], rel=1e-5, abs=1e-6)
