@@ -3,6 +3,7 @@
 An experiment file (``configs/experiments/NAME.yaml``)::
 
     experiment: chen_alignment_gap     # module jaxpref.experiments.<experiment>
+    paper: Chen et al. 2024            # optional: the paper, as the summary table names it
     description: one line              # optional
     seeds: [0, 1, 2]
     params: {...}                      # passed to the module's run()
@@ -42,6 +43,7 @@ class Experiment:
     params: dict[str, Any]
     description: str = ""
     source: str = ""
+    paper: str = ""
 
 
 
@@ -64,9 +66,9 @@ def load_experiment(path: str | pathlib.Path, overrides: Sequence[str] = (), *, 
         raise ConfigError(f"{path}: cannot read experiment file ({err})") from err
     if not isinstance(raw, dict) or "experiment" not in raw:
         raise ConfigError(f"{path}: expected a mapping with an 'experiment' key (module name)")
-    unknown = set(raw) - {"experiment", "description", "seeds", "params", "ci"}
+    unknown = set(raw) - {"experiment", "paper", "description", "seeds", "params", "ci"}
     if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (allowed: experiment, description, seeds, "
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (allowed: experiment, paper, description, seeds, "
                           "params, ci)")
     conf = OmegaConf.create({"seeds": raw.get("seeds", [0]), "params": raw.get("params") or {}})
     if ci and raw.get("ci"):
@@ -86,7 +88,7 @@ def load_experiment(path: str | pathlib.Path, overrides: Sequence[str] = (), *, 
     if not seed_list:
         raise ConfigError(f"{path}: at least one seed is needed")
     return Experiment(name=path.stem, module=str(raw["experiment"]), seeds=seed_list, params=resolved["params"],
-                      description=str(raw.get("description", "")), source=str(path))
+                      description=str(raw.get("description", "")), source=str(path), paper=str(raw.get("paper", "")))
 
 
 def run_experiment(exp: Experiment, out_dir: str | pathlib.Path, *, progress: bool = True) -> dict[str, Any]:
@@ -102,7 +104,8 @@ def run_experiment(exp: Experiment, out_dir: str | pathlib.Path, *, progress: bo
     missing = [k for k in SUMMARY_KEYS if k not in result]
     if missing:
         raise RuntimeError(f"experiment {exp.module} returned no {missing}")
-    summary = {"experiment": exp.module, "name": exp.name, "description": exp.description, "config": exp.source,
+    summary = {"experiment": exp.module, "name": exp.name, "paper": exp.paper, "description": exp.description,
+               "config": exp.source,
                "seeds": list(exp.seeds), "params": exp.params, **result,
                "runtime_s": round(time.perf_counter() - start, 1)}
     write_results(out / "summary.json", summary)
