@@ -59,12 +59,12 @@ PAPER_ETA = 0.005  # Liu et al. App. D.1 (beta and gemma series)
 
 
 @dataclasses.dataclass(frozen=True)
-class LiuParams:
+class LiuParams(tt.TestbedParams):
     """Settings of :func:`run` (YAML ``params``); see the module docstring.
 
     Attributes:
-      num_prompts, prompt_length, alphabet_size, response_length, testbed_seed: the testbed.
-      hidden_size, num_layers, num_heads, intermediate_size, init_std, reference_head_scale: the tiny Llama.
+      (testbed and tiny-Llama fields: :class:`~jaxpref.experiments.testbed_training.TestbedParams`)
+      reference_head_scale: output-head multiplier of the reference Llama.
       reward_kind, reward_scale: the true reward (and the independent one mixed into the labels).
       label_reward_corr: ρ of the labelling reward with the true one (1 = same reward).
       flip_rate: probability that an annotator flips a label.
@@ -77,16 +77,6 @@ class LiuParams:
         150 prompts carry a standard error of about four points). Not part of the verdict.
     """
 
-    num_prompts: int = 8
-    prompt_length: int = 3
-    alphabet_size: int = 4
-    response_length: int = 3
-    testbed_seed: int = 0
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 64
-    init_std: float = 0.2
     reference_head_scale: float = 1.0
     reward_kind: str = "positional"
     reward_scale: float = 1.0
@@ -159,13 +149,10 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    testbed = synthetic.Testbed(num_prompts=p.num_prompts, prompt_length=p.prompt_length,
-                                alphabet_size=p.alphabet_size, response_length=p.response_length, seed=p.testbed_seed)
+    testbed = p.make_testbed()
     policy, setups, runs = None, [], []
     for seed in seeds:
-        model = tt.init_lm(testbed, seed, head_scale=p.reference_head_scale, init_std=p.init_std,
-                           hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
-                           intermediate_size=p.intermediate_size)
+        model = tt.init_lm(testbed, seed, head_scale=p.reference_head_scale, **p.model_kw())
         pol, params0 = tt.lm_policy(model, testbed)
         policy = policy or pol
         ref = np.asarray(policy.logps(params0))
