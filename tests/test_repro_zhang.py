@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from flax import nnx
 
 from jaxpref.data import synthetic as S
@@ -145,12 +146,7 @@ def test_ci_outputs_and_verdict_consistency(ci_run):
     out, summary, results = ci_run
     for name in ("summary.json", "results.json", "win_rate_curves.png", "optima.png", "objective_tracking.png"):
         assert (out / name).stat().st_size > 0, name
-    verdict = results["verdict"]
-    w1 = all(results["w1"][c]["holds"] for c in verdict["judged_cells"])
-    w2 = all(results["w2"][c]["train"]["holds"] for c in verdict["judged_cells"])
-    assert verdict["judged_cells"] == ["tabular/bt", "tabular/intransitive"]
-    assert (verdict["w1_holds"], verdict["w2_holds"]) == (w1, w2)
-    assert summary["reproduced"] is (w1 and w2)
+    assert results["verdict"]["judged_cells"] == ["tabular/bt", "tabular/intransitive"]
     curves = results["cells"]["tabular/bt"]["curves"]["wro"]
     assert np.asarray(curves["win_rate"]).shape == (4, 16)  # 4 seeds x (150 / 10 + 1) records
     assert np.allclose(np.asarray(curves["win_rate"])[:, 0], 0.5, atol=1e-5)  # π_0 = π_ref
@@ -165,14 +161,40 @@ def test_ci_w1_wro_ends_above_dpo(ci_run):
 
 
 @pytest.mark.slow
-def test_ci_w2_does_not_reproduce_on_tables(ci_run):
-    _, summary, results = ci_run
+def test_ci_w2_measured_on_tables(ci_run):
+    _, _, results = ci_run
     for cell in ("tabular/bt", "tabular/intransitive"):
         rho = results["cells"][cell]["spearman"]
         wro_rho, dpo_rho = np.mean(rho["wro"]["train"]), np.mean(rho["dpo"]["train"])
         assert min(wro_rho, dpo_rho) > MIN_RHO
         assert dpo_rho > wro_rho - W2_SLACK
-    assert results["verdict"]["w2_holds"] is False and summary["reproduced"] is False
+
+
+def _rank_corr(x, y) -> float:
+    """Spearman ρ as the Pearson correlation of SciPy's average ranks (a different route from spearmanr)."""
+    return float(np.corrcoef(scipy.stats.rankdata(x), scipy.stats.rankdata(y))[0, 1])
+
+
+@pytest.mark.slow
+def test_ci_verdict_follows_from_the_curves(ci_run):
+    """W1 / W2 per judged cell recomputed from the stored per-seed curves (final win rates; ρ of the logged
+    objective with the exact win rate after step 0) with NumPy / SciPy, then the verdict."""
+    _, summary, results = ci_run
+    sigmas = results["params"]["margin_sigmas"]
+    holds = lambda d: bool(np.mean(d) > sigmas * scipy.stats.sem(d))
+    w1, w2 = [], []
+    for cell in results["verdict"]["judged_cells"]:
+        curves = results["cells"][cell]["curves"]
+        d_final = np.asarray(curves["wro"]["win_rate"])[:, -1] - np.asarray(curves["dpo"]["win_rate"])[:, -1]
+        assert results["w1"][cell]["mean_difference"] == pytest.approx(d_final.mean(), abs=1e-12)
+        rho = {arm: [_rank_corr(o[1:], w[1:]) for o, w in zip(curves[arm]["train_objective"],
+                                                                curves[arm]["win_rate"])] for arm in ("wro", "dpo")}
+        for arm in ("wro", "dpo"):
+            np.testing.assert_allclose(results["cells"][cell]["spearman"][arm]["train"], rho[arm], atol=1e-9)
+        w1.append(holds(d_final))
+        w2.append(holds(np.subtract(rho["wro"], rho["dpo"])))
+    assert (results["verdict"]["w1_holds"], results["verdict"]["w2_holds"]) == (all(w1), all(w2))
+    assert summary["reproduced"] == (all(w1) and all(w2))
 
 
 @pytest.mark.slow
