@@ -15,7 +15,7 @@ from jaxpref.experiments import runner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "reproductions"
-BEGIN, END = "<!-- reproductions:begin -->", "<!-- reproductions:end -->"
+BEGIN, END = runner.README_BEGIN, runner.README_END
 
 
 @pytest.fixture
@@ -81,6 +81,13 @@ def test_run_writes_summary_and_table(tmp_path, fake_experiment):
     assert lines[2] == "| fake_exp (`fake`) | x beats y | **no** | effect = -1; per_seed = [1, 2] | 1 | 0 s |"
     assert lines[3] == "| Later et al. (`later`) | not run yet | not run at the full settings | | 2 | |"
     assert (tmp_path / "out_all" / "summary.md").read_text().endswith("\n\n" + table)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{BEGIN}\nold table\n{END}\nafter\n")
+    runner.replace_readme_table(readme, table)
+    assert readme.read_text() == f"# x\n\nbefore\n{BEGIN}\n{table}{END}\nafter\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs exactly one"):
+        runner.replace_readme_table(readme, table)
 
 
 def test_unknown_module_is_a_config_error(tmp_path):

@@ -2,7 +2,7 @@
 
     python -m train.reproduce configs/experiments/chen_alignment_gap.yaml --out results/chen [params.steps=200]
     python -m train.reproduce --all --out results/reproductions [--ci]
-    python -m train.reproduce --table --out results/reproductions     # only regenerate summary.md
+    python -m train.reproduce --table --out results/reproductions [--readme README.md]  # only the table
 
 Each experiment writes ``results.json``, PNG plots and ``summary.json`` (claim, reproduced, criterion,
 numbers, runtime) into its output folder; ``--all`` also writes ``summary.md`` there, the table that the
@@ -28,6 +28,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--all", action="store_true", help="every file in configs/experiments/")
     p.add_argument("--table", action="store_true",
                    help="run nothing; regenerate OUT/summary.md from OUT/<name>/summary.json")
+    p.add_argument("--readme", default=None,
+                   help="with --table: also replace the table between the reproductions markers of this file")
     p.add_argument("--out", required=True, help="output folder (one subfolder per experiment with --all)")
     p.add_argument("--ci", action="store_true", help="use the files' smaller ci: settings")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
@@ -41,7 +43,13 @@ def main(argv=None) -> list[dict]:
     if args.table:
         if args.all or args.config:
             p.error("--table runs nothing: give only --out")
-        print(runner.summary_table(args.out), end="")
+        table = runner.summary_table(args.out)
+        if args.readme:
+            try:
+                runner.replace_readme_table(args.readme, table)
+            except (OSError, ValueError) as err:
+                sys.exit(f"--readme: {err}")
+        print(table, end="")
         return []
     if args.all == bool(args.config):
         p.error("give one experiment file or --all")

@@ -172,6 +172,21 @@ def summary_table(results_dir: str | pathlib.Path, configs_dir: str | pathlib.Pa
     return table
 
 
+README_BEGIN, README_END = "<!-- reproductions:begin -->", "<!-- reproductions:end -->"
+
+
+def replace_readme_table(readme: str | pathlib.Path, table: str) -> None:
+    """Rewrites the part of ``readme`` between :data:`README_BEGIN` and :data:`README_END` with ``table``;
+    raises ``ValueError`` unless the file has exactly one pair of markers."""
+    path = pathlib.Path(readme)
+    text = path.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"{path}: needs exactly one {README_BEGIN} ... {README_END} pair")
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    path.write_text(f"{head}{README_BEGIN}\n{table}{README_END}{tail}")
+
+
 def _table_row(s: dict) -> str:
     nums = "; ".join(f"{k} = {_fmt(v)}" for k, v in s["numbers"].items())
     verdict = "yes" if s["reproduced"] else "**no**"
