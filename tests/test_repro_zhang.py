@@ -4,7 +4,8 @@ The pieces are checked against exact enumeration on a tiny testbed (tabular poli
 ``ci:`` settings run end to end, with direction checks whose margins come from the spread measured over
 several seed sets of those settings (constants below). The CI settings train tabular policies only (an LM
 arm costs ~35 s of XLA compile per program on a busy CPU); there W2 does *not* reproduce (both objectives
-track the win rate almost perfectly, DPO's a little better), and the test asserts that honestly.
+track the win rate almost perfectly, DPO's a little better): the tests assert the measured ρs, not the verdict,
+and recompute W1, W2 and the verdict from the stored per-seed curves (NumPy / SciPy ranks).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from flax import nnx
 
 from jaxpref.data import synthetic as S
@@ -92,11 +94,11 @@ def test_optima_are_stationary_points_of_their_objectives(small):
     wro_opt = zhang.wro_optimum(s.ref_logps, s.pref, beta)
     j = lambda t: S.win_rate(jax.nn.log_softmax(t), s.ref_logps, s.pref) - beta * S.mean_kl(
         jax.nn.log_softmax(t), s.ref_logps)
-    assert float(jnp.abs(jax.grad(j)(wro_opt)).max()) < 1e-5
+    assert float(jnp.abs(jax.jit(jax.grad(j))(wro_opt)).max()) < 1e-5  # jitted: one compile, not per-op
     dpo_opt = S.dpo_optimum(s.ref_logps, zhang.fit_bt_reward(s.ref_logps, s.pref, steps=2000), beta)
     weights = S.population_pair_weights(s.ref_logps)
     loss = lambda t: S.population_loss(jax.nn.log_softmax(t), s.ref_logps, s.pref, weights, beta=beta)
-    assert float(jnp.abs(jax.grad(loss)(dpo_opt)).max()) < 1e-4
+    assert float(jnp.abs(jax.jit(jax.grad(loss))(dpo_opt)).max()) < 1e-4
 
 
 def test_gradient_estimates_are_unbiased_and_start_along_the_win_rate(small):
@@ -145,12 +147,7 @@ def test_ci_outputs_and_verdict_consistency(ci_run):
     out, summary, results = ci_run
     for name in ("summary.json", "results.json", "win_rate_curves.png", "optima.png", "objective_tracking.png"):
         assert (out / name).stat().st_size > 0, name
-    verdict = results["verdict"]
-    w1 = all(results["w1"][c]["holds"] for c in verdict["judged_cells"])
-    w2 = all(results["w2"][c]["train"]["holds"] for c in verdict["judged_cells"])
-    assert verdict["judged_cells"] == ["tabular/bt", "tabular/intransitive"]
-    assert (verdict["w1_holds"], verdict["w2_holds"]) == (w1, w2)
-    assert summary["reproduced"] is (w1 and w2)
+    assert results["verdict"]["judged_cells"] == ["tabular/bt", "tabular/intransitive"]
     curves = results["cells"]["tabular/bt"]["curves"]["wro"]
     assert np.asarray(curves["win_rate"]).shape == (4, 16)  # 4 seeds x (150 / 10 + 1) records
     assert np.allclose(np.asarray(curves["win_rate"])[:, 0], 0.5, atol=1e-5)  # π_0 = π_ref
@@ -165,14 +162,40 @@ def test_ci_w1_wro_ends_above_dpo(ci_run):
 
 
 @pytest.mark.slow
-def test_ci_w2_does_not_reproduce_on_tables(ci_run):
-    _, summary, results = ci_run
+def test_ci_w2_measured_on_tables(ci_run):
+    _, _, results = ci_run
     for cell in ("tabular/bt", "tabular/intransitive"):
         rho = results["cells"][cell]["spearman"]
         wro_rho, dpo_rho = np.mean(rho["wro"]["train"]), np.mean(rho["dpo"]["train"])
         assert min(wro_rho, dpo_rho) > MIN_RHO
         assert dpo_rho > wro_rho - W2_SLACK
-    assert results["verdict"]["w2_holds"] is False and summary["reproduced"] is False
+
+
+def _rank_corr(x, y) -> float:
+    """Spearman ρ as the Pearson correlation of SciPy's average ranks (a different route from spearmanr)."""
+    return float(np.corrcoef(scipy.stats.rankdata(x), scipy.stats.rankdata(y))[0, 1])
+
+
+@pytest.mark.slow
+def test_ci_verdict_follows_from_the_curves(ci_run):
+    """W1 / W2 per judged cell recomputed from the stored per-seed curves (final win rates; ρ of the logged
+    objective with the exact win rate after step 0) with NumPy / SciPy, then the verdict."""
+    _, summary, results = ci_run
+    sigmas = results["params"]["margin_sigmas"]
+    holds = lambda d: bool(np.mean(d) > sigmas * scipy.stats.sem(d))
+    w1, w2 = [], []
+    for cell in results["verdict"]["judged_cells"]:
+        curves = results["cells"][cell]["curves"]
+        d_final = np.asarray(curves["wro"]["win_rate"])[:, -1] - np.asarray(curves["dpo"]["win_rate"])[:, -1]
+        assert results["w1"][cell]["mean_difference"] == pytest.approx(d_final.mean(), abs=1e-12)
+        rho = {arm: [_rank_corr(o[1:], w[1:]) for o, w in zip(curves[arm]["train_objective"],
+                                                                curves[arm]["win_rate"])] for arm in ("wro", "dpo")}
+        for arm in ("wro", "dpo"):
+            np.testing.assert_allclose(results["cells"][cell]["spearman"][arm]["train"], rho[arm], atol=1e-9)
+        w1.append(holds(d_final))
+        w2.append(holds(np.subtract(rho["wro"], rho["dpo"])))
+    assert (results["verdict"]["w1_holds"], results["verdict"]["w2_holds"]) == (all(w1), all(w2))
+    assert summary["reproduced"] == (all(w1) and all(w2))
 
 
 @pytest.mark.slow

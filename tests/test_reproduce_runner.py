@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import pathlib
 import sys
 import types
 
@@ -10,6 +12,10 @@ import pytest
 
 from jaxpref.config import ConfigError
 from jaxpref.experiments import runner
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO / "results" / "reproductions"
+BEGIN, END = runner.README_BEGIN, runner.README_END
 
 
 @pytest.fixture
@@ -61,11 +67,61 @@ def test_run_writes_summary_and_table(tmp_path, fake_experiment):
     assert s["reproduced"] is False and s["seeds"] == [3] and s["runtime_s"] >= 0
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["claim"] == "x beats y" and on_disk["numbers"]["effect"] == -1.0
-    table = runner.markdown_table([s])
-    assert "| fake | x beats y | **no** | effect = -1; per_seed = [1, 2] |" in table
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "fake.yaml").write_text((tmp_path / "fake.yaml").read_text())
+    (tmp_path / "configs" / "later.yaml").write_text("experiment: fake_exp\npaper: Later et al.\n"
+                                                     "description: not run yet\nseeds: [0, 1]\n")
+    table = runner.summary_table(tmp_path / "out_all", tmp_path / "configs", write=False)
+    assert not (tmp_path / "out_all" / "summary.md").exists()
+    (tmp_path / "out_all").mkdir()
+    (tmp_path / "out").rename(tmp_path / "out_all" / "fake")
+    table = runner.summary_table(tmp_path / "out_all", tmp_path / "configs")
+    lines = table.splitlines()
+    assert lines[0].startswith("| paper (config) | claim | reproduced |") and len(lines) == 4
+    assert lines[2] == "| fake_exp (`fake`) | x beats y | **no** | effect = -1; per_seed = [1, 2] | 1 | 0 s |"
+    assert lines[3] == "| Later et al. (`later`) | not run yet | not run at the full settings | | 2 | |"
+    assert (tmp_path / "out_all" / "summary.md").read_text().endswith("\n\n" + table)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{BEGIN}\nold table\n{END}\nafter\n")
+    runner.replace_readme_table(readme, table)
+    assert readme.read_text() == f"# x\n\nbefore\n{BEGIN}\n{table}{END}\nafter\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs exactly one"):
+        runner.replace_readme_table(readme, table)
 
 
 def test_unknown_module_is_a_config_error(tmp_path):
     exp = runner.load_experiment(_write(tmp_path, "experiment: no_such_experiment\n"))
     with pytest.raises(ConfigError, match="no experiment module"):
         runner.run_experiment(exp, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- the committed full-setting results
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+    """The README's reproduction table (between the markers) and ``summary.md`` equal the table regenerated
+    from ``results/reproductions/*/summary.json``."""
+    readme = (REPO / "README.md").read_text()
+    assert readme.count(BEGIN) == 1 and readme.count(END) == 1, "README needs one reproductions:begin/end pair"
+    section = readme.split(BEGIN)[1].split(END)[0]
+    generated = runner.summary_table(RESULTS, write=False)
+    assert section.strip("\n") == generated.strip("\n"), "README table is stale: run train.reproduce --table"
+    assert (RESULTS / "summary.md").read_text().endswith("\n\n" + generated)
+
+
+def test_committed_results_are_of_the_current_configs_and_code():
+    """Each committed summary was run with the current YAML's full settings and states the module's current
+    claim (so a changed config or claim makes the committed results, and the README table, stale)."""
+    summaries = sorted(RESULTS.glob("*/summary.json"))
+    assert summaries, f"no committed results under {RESULTS}"
+    for path in summaries:
+        s = json.loads(path.read_text())
+        exp = runner.load_experiment(REPO / "configs" / "experiments" / f"{path.parent.name}.yaml")
+        assert (s["name"], s["experiment"], s["paper"]) == (exp.name, exp.module, exp.paper), path
+        assert s["params"] == exp.params and s["seeds"] == list(exp.seeds), f"{path}: not the current full settings"
+        assert s["claim"] == importlib.import_module(f"jaxpref.experiments.{exp.module}").CLAIM, path
+        for png in path.parent.glob("*.png"):
+            assert png.stat().st_size < 400_000, png  # committed plots stay small
+        results = json.loads((path.parent / "results.json").read_text())
+        assert results["seeds"] == s["seeds"], path

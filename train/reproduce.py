@@ -2,10 +2,12 @@
 
     python -m train.reproduce configs/experiments/chen_alignment_gap.yaml --out results/chen [params.steps=200]
     python -m train.reproduce --all --out results/reproductions [--ci]
+    python -m train.reproduce --table --out results/reproductions [--readme README.md]  # only the table
 
 Each experiment writes ``results.json``, PNG plots and ``summary.json`` (claim, reproduced, criterion,
-numbers, runtime) into its output folder; ``--all`` also writes ``README.md`` there with one table row per
-experiment. ``--ci`` uses each file's smaller ``ci:`` settings.
+numbers, runtime) into its output folder; ``--all`` also writes ``summary.md`` there, the table that the
+README shows (:func:`jaxpref.experiments.runner.summary_table`; one row per experiment file, "not run" for
+one without results). ``--ci`` uses each file's smaller ``ci:`` settings.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("config", nargs="?", help="experiment YAML (configs/experiments/NAME.yaml)")
     p.add_argument("overrides", nargs="*", help="params.KEY=VALUE or seeds=[...]")
     p.add_argument("--all", action="store_true", help="every file in configs/experiments/")
+    p.add_argument("--table", action="store_true",
+                   help="run nothing; regenerate OUT/summary.md from OUT/<name>/summary.json")
+    p.add_argument("--readme", default=None,
+                   help="with --table: also replace the table between the reproductions markers of this file")
     p.add_argument("--out", required=True, help="output folder (one subfolder per experiment with --all)")
     p.add_argument("--ci", action="store_true", help="use the files' smaller ci: settings")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
@@ -35,6 +41,17 @@ def main(argv=None) -> list[dict]:
     from jaxpref.config import ConfigError
     from jaxpref.experiments import runner
 
+    if args.table:
+        if args.all or args.config:
+            p.error("--table runs nothing: give only --out")
+        table = runner.summary_table(args.out)
+        if args.readme:
+            try:
+                runner.replace_readme_table(args.readme, table)
+            except (OSError, ValueError) as err:
+                sys.exit(f"--readme: {err}")
+        print(table, end="")
+        return []
     if args.all == bool(args.config):
         p.error("give one experiment file or --all")
     paths = sorted(EXPERIMENTS_DIR.glob("*.yaml")) if args.all else [pathlib.Path(args.config)]
@@ -52,7 +69,7 @@ def main(argv=None) -> list[dict]:
     except expected_errors() as err:
         fail(err)
     if args.all:
-        (out / "README.md").write_text("# Reproductions\n\n" + runner.markdown_table(summaries))
+        runner.summary_table(out)
     return summaries
 
 

@@ -69,12 +69,11 @@ TAU_BINS = 5  # quantile bins of τ among misranked pairs for the flip-rate plot
 
 
 @dataclasses.dataclass(frozen=True)
-class ChenParams:
+class ChenParams(tt.TestbedParams):
     """Settings of :func:`run` (YAML ``params``); see the module docstring.
 
     Attributes:
-      num_prompts, prompt_length, alphabet_size, response_length, testbed_seed: the testbed (N = A**L).
-      hidden_size, num_layers, num_heads, intermediate_size, init_std: the tiny Llama.
+      (testbed and tiny-Llama fields: :class:`~jaxpref.experiments.testbed_training.TestbedParams`)
       reference_head_scale: output-head multiplier making the reference peaked (1 = plain random LM).
       sharpness_sweep: further head scales trained with γ = 1 only (reported, not in the verdict).
       reward_kind, reward_scale: :func:`jaxpref.data.synthetic.random_reward`.
@@ -86,16 +85,6 @@ class ChenParams:
       gap_points, flip_share: the bounds of checks (a) and (b).
     """
 
-    num_prompts: int = 8
-    prompt_length: int = 3
-    alphabet_size: int = 4
-    response_length: int = 3
-    testbed_seed: int = 0
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 64
-    init_std: float = 0.2
     reference_head_scale: float = 6.0
     sharpness_sweep: tuple[float, ...] = (1.0, 3.0, 12.0)
     reward_kind: str = "positional"
@@ -162,8 +151,7 @@ def build_runs(testbed, p: ChenParams, seeds: list[int]):
         specs = [(p.reference_head_scale, g) for g in p.gammas]
         specs += [(s, 1.0) for s in p.sharpness_sweep if s != p.reference_head_scale]
         for head_scale in dict.fromkeys(s for s, _ in specs):
-            model = tt.init_lm(testbed, seed, head_scale=head_scale, init_std=p.init_std, hidden_size=p.hidden_size,
-                               num_layers=p.num_layers, num_heads=p.num_heads, intermediate_size=p.intermediate_size)
+            model = tt.init_lm(testbed, seed, head_scale=head_scale, **p.model_kw())
             pol, prm = tt.lm_policy(model, testbed)
             policy = policy or pol
             ref = np.asarray(policy.logps(prm))
@@ -302,8 +290,7 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    testbed = synthetic.Testbed(num_prompts=p.num_prompts, prompt_length=p.prompt_length,
-                                alphabet_size=p.alphabet_size, response_length=p.response_length, seed=p.testbed_seed)
+    testbed = p.make_testbed()
     policy, runs, params0 = build_runs(testbed, p, list(seeds))
     if progress:
         print(f"[chen] {testbed}: {len(runs)} runs ({len(seeds)} seeds) x {p.steps} steps", flush=True)

@@ -70,6 +70,7 @@ from jaxpref.experiments.hu_objectives import (
     train_lm,
 )
 from jaxpref.experiments.runner import params_from_dict, write_results
+from jaxpref.experiments.testbed_training import TestbedParams
 
 TYPO_VARIANTS = ("typo", "typo_regression")
 SAMPLERS = ("reference", "uniform")
@@ -87,14 +88,10 @@ __all__ = ["CLAIM", "HuParams", "World", "make_world", "labelled_pair_weights", 
 
 
 @dataclasses.dataclass(frozen=True)
-class HuParams:
-    """The experiment's ``params`` (YAML); every field has a default, unknown keys are errors."""
+class HuParams(TestbedParams):
+    """The experiment's ``params`` (YAML); every field has a default, unknown keys are errors. The testbed and
+    tiny-Llama fields come from :class:`~jaxpref.experiments.testbed_training.TestbedParams`."""
 
-    num_prompts: int = 8
-    prompt_length: int = 3
-    alphabet_size: int = 4
-    response_length: int = 3
-    testbed_seed: int = 0
     num_preserved: int = 4
     reward_kind: str = "iid"
     reward_scale: float = 1.0
@@ -115,11 +112,6 @@ class HuParams:
     lm_lams: tuple[float, ...] = (0.0, 1.0, 10.0)
     lm_betas: tuple[float, ...] = (2.0,)
     lm_margin_factor: float = 3.0  # DPO's LM displacement must exceed this times TYPO's
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 64
-    init_std: float = 0.2
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> HuParams:
@@ -291,9 +283,7 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    testbed = synthetic.Testbed(num_prompts=p.num_prompts, prompt_length=p.prompt_length,
-                                alphabet_size=p.alphabet_size, response_length=p.response_length,
-                                seed=p.testbed_seed)
+    testbed = p.make_testbed()
     worlds = [make_world(p, testbed, s) for s in seeds]
     bar = tqdm(total=len(p.variants) + 1 + 2 * bool(p.lm_steps), desc="hu", disable=not progress)
     timings = {}
@@ -409,8 +399,7 @@ def _lm_check(p: HuParams, testbed, seeds, worlds: list[World], typo_tabular, jo
 
     ``typo_tabular [G, S, K, N]`` (the exact minimisers on ``lams``) gives the LM's fit error where λ is shared.
     """
-    models = [testbed.init_model(s, init_std=p.init_std, hidden_size=p.hidden_size, num_layers=p.num_layers,
-                                 num_heads=p.num_heads, intermediate_size=p.intermediate_size) for s in seeds]
+    models = [testbed.init_model(s, **p.model_kw()) for s in seeds]
     graphdef, _, rest = nnx.split(models[0], nnx.Param, ...)
     params = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(m, nnx.Param, ...)[1] for m in models])
     logps_fn = synthetic.make_response_logps_fn(graphdef, rest, testbed)

@@ -27,10 +27,12 @@ Setup (per seed: reward, reference, data and minibatch order; the testbed is sha
 Recorded every ``record_every`` steps (exact): the mean ``log π(y_w|x)`` over the training pairs, the
 exact win rate against π_ref under the TRUE preference (and under the labelling preference), KL(π || π_ref).
 
-Claims checked (final checkpoint, paired by seed; SE = sd / √seeds):
+Claims checked (final checkpoint, paired by seed; SE = sd / √seeds), as the paper states them (RPO beats DPO
+head to head, 56.0 vs 44.0 % (beta) and 54.0 vs 46.0 % (gemma), Table 1; papers.md §3.4):
 (1) RPO keeps ``log π(y_w)`` higher than DPO: mean(RPO − DPO) − 2 SE > 0;
-(2) RPO's true win rate is at least DPO's within noise: mean(RPO − DPO) + 2 SE ≥ −``win_rate_tolerance``
-    (whether it is strictly higher, mean − 2 SE > 0, is reported as ``win_rate_strictly_higher``).
+(2) RPO reaches a HIGHER true win rate than DPO: mean(RPO − DPO) − 2 SE > 0.
+The weaker non-inferiority, mean(RPO − DPO) + 2 SE ≥ −``win_rate_tolerance``, is measured and reported
+(``win_rate_not_lower``) but is not the paper's claim and not part of the verdict.
 """
 
 from __future__ import annotations
@@ -51,18 +53,18 @@ from jaxpref.experiments import testbed_training as tt
 from jaxpref.experiments.runner import params_from_dict, write_results
 
 CLAIM = ("Adding an SFT (NLL) term on the chosen responses to DPO (RPO) keeps their likelihood higher than DPO does "
-         "and gives a true win rate at least as high under a misspecified preference dataset.")
+         "and reaches a higher true win rate than DPO under a misspecified preference dataset.")
 SE_MARGIN = 2.0
 PAPER_ETA = 0.005  # Liu et al. App. D.1 (beta and gemma series)
 
 
 @dataclasses.dataclass(frozen=True)
-class LiuParams:
+class LiuParams(tt.TestbedParams):
     """Settings of :func:`run` (YAML ``params``); see the module docstring.
 
     Attributes:
-      num_prompts, prompt_length, alphabet_size, response_length, testbed_seed: the testbed.
-      hidden_size, num_layers, num_heads, intermediate_size, init_std, reference_head_scale: the tiny Llama.
+      (testbed and tiny-Llama fields: :class:`~jaxpref.experiments.testbed_training.TestbedParams`)
+      reference_head_scale: output-head multiplier of the reference Llama.
       reward_kind, reward_scale: the true reward (and the independent one mixed into the labels).
       label_reward_corr: ρ of the labelling reward with the true one (1 = same reward).
       flip_rate: probability that an annotator flips a label.
@@ -70,21 +72,11 @@ class LiuParams:
       beta: DPO β. etas: RPO η grid (weight η·β on the summed NLL); eta: the η of the verdict (in ``etas``).
       eta_token_mean: weight on the token-mean NLL (OpenRLHF's recipe uses 0.2); None skips that variant.
       steps, batch_size, record_every, learning_rate, warmup_steps: AdamW with cosine decay.
-      win_rate_tolerance: (2)'s allowance below zero in win-rate units: differences smaller than this count
-        as "not lower" (default 0.01, one win-rate point; the paper's GPT-4 win rates on 150 prompts carry
-        a standard error of about four points).
+      win_rate_tolerance: the reported non-inferiority's allowance below zero in win-rate units: differences
+        smaller than this count as "not lower" (default 0.01, one win-rate point; the paper's GPT-4 win rates on
+        150 prompts carry a standard error of about four points). Not part of the verdict.
     """
 
-    num_prompts: int = 8
-    prompt_length: int = 3
-    alphabet_size: int = 4
-    response_length: int = 3
-    testbed_seed: int = 0
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 64
-    init_std: float = 0.2
     reference_head_scale: float = 1.0
     reward_kind: str = "positional"
     reward_scale: float = 1.0
@@ -157,13 +149,10 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    testbed = synthetic.Testbed(num_prompts=p.num_prompts, prompt_length=p.prompt_length,
-                                alphabet_size=p.alphabet_size, response_length=p.response_length, seed=p.testbed_seed)
+    testbed = p.make_testbed()
     policy, setups, runs = None, [], []
     for seed in seeds:
-        model = tt.init_lm(testbed, seed, head_scale=p.reference_head_scale, init_std=p.init_std,
-                           hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads,
-                           intermediate_size=p.intermediate_size)
+        model = tt.init_lm(testbed, seed, head_scale=p.reference_head_scale, **p.model_kw())
         pol, params0 = tt.lm_policy(model, testbed)
         policy = policy or pol
         ref = np.asarray(policy.logps(params0))
@@ -205,8 +194,8 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
     numbers, checks = summarise(per_run, p, list(seeds))
     criterion = (f"both, at the final step, paired by seed: (1) mean log pi(y_w) of RPO (eta={p.eta:g}, summed NLL "
                  f"weighted eta*beta) minus DPO's, mean - {SE_MARGIN} SE > 0; (2) RPO's exact win rate vs the "
-                 f"reference under the true preference minus DPO's, mean + {SE_MARGIN} SE >= "
-                 f"-{p.win_rate_tolerance}")
+                 f"reference under the true preference minus DPO's, mean - {SE_MARGIN} SE > 0 (higher, as the paper "
+                 f"claims; non-inferiority, mean + {SE_MARGIN} SE >= -{p.win_rate_tolerance}, is reported separately)")
     results = {"claim": CLAIM, "criterion": criterion, "checks": checks, "numbers": numbers, "seeds": list(seeds),
                "params": dataclasses.asdict(p), "testbed": repr(testbed), "paper_eta": PAPER_ETA,
                "record_steps": p.train_config().record_steps.tolist(), "runs": per_run, "deviations": DEVIATIONS,
@@ -220,7 +209,7 @@ def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = 
 def headline(numbers: dict, p: LiuParams) -> dict:
     """The summary's numbers (README row): the paired differences, then per-variant finals as lists."""
     keys = ("rpo_minus_dpo_chosen_logps", "rpo_minus_dpo_chosen_logps_sd", "rpo_minus_dpo_win_rate",
-            "rpo_minus_dpo_win_rate_sd", "win_rate_strictly_higher", "label_agreement", "dpo_chosen_logps_initial")
+            "rpo_minus_dpo_win_rate_sd", "win_rate_not_lower", "label_agreement", "dpo_chosen_logps_initial")
     out = {k: numbers[k] for k in keys}
     out["variants"] = list(p.variants)
     for k in ("chosen_logps", "win_rate", "kl"):
@@ -249,13 +238,13 @@ def summarise(per_run: list[dict], p: LiuParams, seeds: list[int]) -> tuple[dict
     d_chosen, d_wr = tt.seed_stats(diff(p.primary, "chosen_logps")), tt.seed_stats(diff(p.primary, "win_rate"))
     numbers.update({"rpo_minus_dpo_chosen_logps": d_chosen[0], "rpo_minus_dpo_chosen_logps_sd": d_chosen[1],
                     "rpo_minus_dpo_win_rate": d_wr[0], "rpo_minus_dpo_win_rate_sd": d_wr[1],
-                    "win_rate_strictly_higher": bool(d_wr[0] - SE_MARGIN * d_wr[2] > 0)})
+                    "win_rate_not_lower": bool(d_wr[0] + SE_MARGIN * d_wr[2] >= -p.win_rate_tolerance)})
     for v in p.variants[1:]:
         numbers[f"{v}_minus_dpo_chosen_logps"] = tt.seed_stats(diff(v, "chosen_logps"))[0]
         numbers[f"{v}_minus_dpo_win_rate"] = tt.seed_stats(diff(v, "win_rate"))[0]
     numbers["label_agreement"] = tt.seed_stats([r["label_agreement"] for r in per_run if r["variant"] == "dpo"])[0]
     checks = {"chosen_likelihood_higher": bool(d_chosen[0] - SE_MARGIN * d_chosen[2] > 0),
-              "win_rate_not_lower": bool(d_wr[0] + SE_MARGIN * d_wr[2] >= -p.win_rate_tolerance)}
+              "win_rate_higher": bool(d_wr[0] - SE_MARGIN * d_wr[2] > 0)}
     numbers.update({f"check_{k}": v for k, v in checks.items()})
     return numbers, checks
 

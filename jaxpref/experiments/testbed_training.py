@@ -48,12 +48,49 @@ Array = jax.Array
 TRAIN_ARGS = ("tables", "params", "ref_logps", "data", "key", "hparams")
 
 __all__ = [
-    "TrainConfig", "PairData", "ExactPolicy", "Trajectory", "lm_policy", "tabular_policy", "init_lm", "seed_stats",
-    "train", "stack_trees", "trajectory_metrics", "auc",
+    "TestbedParams", "TrainConfig", "PairData", "ExactPolicy", "Trajectory", "lm_policy", "tabular_policy",
+    "init_lm", "seed_stats", "train", "stack_trees", "trajectory_metrics", "auc",
 ]
 
 
 # ------------------------------------------------------------------------------------ records
+
+
+@dataclasses.dataclass(frozen=True)
+class TestbedParams:
+    """The testbed and tiny-Llama fields shared by the experiments' params records (Chen, Liu, Hu, Zhang).
+
+    Subclasses add their own fields (all with defaults); the YAML ``params`` keys are these field names.
+
+    Attributes:
+      num_prompts, prompt_length, alphabet_size, response_length, testbed_seed: the testbed (N = A**L
+        responses per prompt; :class:`jaxpref.data.synthetic.Testbed`).
+      hidden_size, num_layers, num_heads, intermediate_size, init_std: the tiny Llama of
+        ``Testbed.init_model`` (policy or reference).
+    """
+
+    __test__ = False  # a class attribute, not a field: keeps pytest from collecting ``Test*`` imports
+
+    num_prompts: int = 8
+    prompt_length: int = 3
+    alphabet_size: int = 4
+    response_length: int = 3
+    testbed_seed: int = 0
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 64
+    init_std: float = 0.2
+
+    def make_testbed(self) -> Testbed:
+        """The exact-oracle testbed of these sizes."""
+        return Testbed(num_prompts=self.num_prompts, prompt_length=self.prompt_length,
+                       alphabet_size=self.alphabet_size, response_length=self.response_length, seed=self.testbed_seed)
+
+    def model_kw(self) -> dict[str, Any]:
+        """Keyword arguments of ``Testbed.init_model`` / :func:`init_lm` (``init_std`` and the model sizes)."""
+        return {"init_std": self.init_std, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "num_heads": self.num_heads, "intermediate_size": self.intermediate_size}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,19 +93,10 @@ __all__ = ["CLAIM", "ZhangParams", "WroConfig", "Setting", "make_setting", "max_
 
 
 @dataclasses.dataclass(frozen=True)
-class ZhangParams:
-    """The experiment's ``params`` (YAML); every field has a default, unknown keys are errors."""
+class ZhangParams(tt.TestbedParams):
+    """The experiment's ``params`` (YAML); every field has a default, unknown keys are errors. The testbed and
+    tiny-Llama fields come from :class:`~jaxpref.experiments.testbed_training.TestbedParams`."""
 
-    num_prompts: int = 8
-    prompt_length: int = 3
-    alphabet_size: int = 4
-    response_length: int = 3
-    testbed_seed: int = 0
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 64
-    init_std: float = 0.2
     reward_kind: str = "positional"
     reward_scale: float = 1.0
     intransitive_strength: float = 2.0
@@ -167,13 +158,11 @@ class ZhangParams:
 
 
 def make_testbed(p: ZhangParams) -> synthetic.Testbed:
-    return synthetic.Testbed(num_prompts=p.num_prompts, prompt_length=p.prompt_length,
-                             alphabet_size=p.alphabet_size, response_length=p.response_length, seed=p.testbed_seed)
+    return p.make_testbed()
 
 
 def make_model(p: ZhangParams, testbed: synthetic.Testbed, seed: int):
-    return testbed.init_model(seed, init_std=p.init_std, hidden_size=p.hidden_size, num_layers=p.num_layers,
-                              num_heads=p.num_heads, intermediate_size=p.intermediate_size)
+    return testbed.init_model(seed, **p.model_kw())
 
 
 def make_setting(p: ZhangParams, testbed: synthetic.Testbed, preference: str, seed: int) -> Setting:
