@@ -28,7 +28,8 @@ Conventions (papers.md §1.3-1.5, papers-addendum.md):
   optimum ranks ``y_2`` first. Ties (α = 0.5) are excluded by default; when included they use the same
   Def. C.1 rule as R / R̃ on the reference's scores (at α = 0.5 the optimum keeps the reference's ratio,
   ``logit(α) = 0``): ``|Δ_ref| < ε`` for R*, ``|exp(m_ref,1) − exp(m_ref,2)| < ε`` on the per-token means
-  for R̃*. Reported per β over
+  for R̃*. (At a tie the optimum is π_ref times a per-prompt factor; a log-prob difference does not see it,
+  the probability scale of R̃* does, which takes the factor as 1.) Reported per β over
   :data:`DEFAULT_BETAS` with min / median / max (:func:`beta_summary`).
 * **Alignment gap** (§3.3): ``100 · (median_β R* − R)`` in percentage points.
 """
