@@ -206,3 +206,22 @@ def test_score_pairs_sharded_on_a_mesh_matches_single_device(hf_dir, hh):
                              with_hidden=True, progress=False)  # batch 4 -> 8 (a multiple of the devices)
     np.testing.assert_allclose(sharded.sums, plain.sums, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(sharded.hidden_sums, plain.hidden_sums, rtol=1e-5, atol=1e-4)
+
+
+def test_committed_smollm2_ranking_results_and_their_readme_numbers():
+    """The committed SmolLM2 runs had no reference: they hold R / R̃ only (no self-referenced R* or gap), and
+    the README's Evaluation section quotes them as they are."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    readme = " ".join((root / "README.md").read_text().split())
+    quoted = []
+    for name in ("llmfao300", "pandalm300"):
+        res = json.loads((root / "bench" / "results" / f"smollm2_idealized_{name}.json").read_text())
+        assert res["reference"] is None and "--reference" in res["needs_reference"]
+        for key in ("idealized", "alignment_gap", "alignment_gap_normalized", "difficulty", "flip_categories"):
+            assert key not in res, (name, key)
+        assert res["n_evaluated"] == res["n_pairs"] - res["n_ties"]
+        quoted.append((f"{100 * res['ranking_accuracy']:.1f}%", f"{100 * res['ranking_accuracy_normalized']:.1f}%",
+                       str(res["n_evaluated"])))
+    (r1, rn1, n1), (r2, rn2, n2) = quoted
+    assert f"ranks {r1} (R) / {rn1} (R̃) of the {n1} non-tie pairs among the first 300 LLMFAO pairs" in readme
+    assert f"and {r2} / {rn2} of the {n2} on PandaLM" in readme
