@@ -7,7 +7,8 @@ Writes into ``--out``:
 * ``ches.jsonl``: per pair ``id``, ``row``, ``ches``, ``ln_ches``, ``last_hidden_ip`` (inner product of the
   last predictor states) and ``edit_distance`` (normalised token Levenshtein distance of the two responses,
   a trailing EOS removed from each);
-* ``summary.json``: distribution of every score, share of positive CHES, Spearman correlations;
+* ``summary.json``: distribution of every score, share of positive CHES, Spearman correlations
+  (average ranks for ties);
 * ``ches.png``: histograms;
 * with ``--keep-lowest F``: ``filtered.jsonl``, the source rows of the ``ceil(F · N)`` pairs with the lowest
   LN-CHES (Razin §6; the paper keeps 5%), ready to train on, and their ids in the summary;
@@ -40,11 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2:
-        return float("nan")
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+def correlations(ches: np.ndarray, ln_ches: np.ndarray, last_ip: np.ndarray, edit: np.ndarray) -> dict[str, float]:
+    """Spearman ρ of CHES with each other score (``[N]`` each), average ranks for ties
+    (:func:`jaxpref.metrics.spearman`); the edit distance enters negated (smaller distance = more similar)."""
+    from jaxpref.metrics import spearman
+
+    return {"ches_vs_ln_ches": spearman(ches, ln_ches), "ches_vs_last_hidden_ip": spearman(ches, last_ip),
+            "ches_vs_minus_edit_distance": spearman(ches, -np.asarray(edit))}
 
 
 def _strip_eos(ids: np.ndarray, eos: int | None) -> np.ndarray:
@@ -87,8 +90,7 @@ def main(argv=None) -> dict:
         "ches": ev.describe(ches), "ln_ches": ev.describe(ln_ches), "last_hidden_ip": ev.describe(last_ip),
         "edit_distance": ev.describe(edit),
         "fraction_ches_positive": float(np.mean(ches > 0)),
-        "spearman": {"ches_vs_ln_ches": _spearman(ches, ln_ches), "ches_vs_last_hidden_ip": _spearman(ches, last_ip),
-                     "ches_vs_minus_edit_distance": _spearman(ches, -edit)},
+        "spearman": correlations(ches, ln_ches, last_ip, edit),
     }
     if args.window:
         k = min(args.window, len(rows))

@@ -4,20 +4,24 @@
         [--limit N] [--betas 0.01 0.1 1 5 10] [--strict-ties] [--include-ties]
 
 Writes ``ranking.json`` (summary), ``per_example.jsonl`` and ``margins.png`` / ``idealized.png`` /
-``flip_threshold.png`` into ``--out``.
+``flip_threshold.png`` (the last two with ``--reference``) into ``--out``.
 
 * R and R̃ (Def. 2.3, eq. 15) of ``--model`` on summed / per-token-mean response log-probs; exact ties
   count as correct (the paper's ≥) unless ``--strict-ties`` (the released code).
-* R* and R̃* (Cor. 3.3) from the **reference** log-probs (``--reference``, default: ``--model`` itself) and
-  the vote shares α of the data (``votes`` / ``pandalm`` / ``llmfao`` formats), clipped to
-  [1e-3, 1 − 1e-3]. Data without votes uses the released code's fallback α = ``--fallback-alpha``
-  (0.75); ``idealized.alpha_source`` says which. Reported per β with min / median / max.
-* Ties (α = 0.5) are excluded from every accuracy by default (Chen Fig. 1, Tables 1 and 4); with
-  ``--include-ties`` R uses the Def. C.1 rule (ε = 0.01 on summed log-probs for R, on 1/perplexity for R̃)
-  and R* counts ties with the same rule on the reference.
-* Alignment gap = 100 · (median_β R* − R), in points.
-* Difficulty (Chen Thm 4.1): quantiles of the flip threshold τ = softplus(−β c) with
-  c = log π_ref(y_l) − log π_ref(y_w) at ``--beta``; with ``--reference`` also the four flip categories.
+* With ``--reference`` only (Chen's π_ref, e.g. the SFT model ``--model`` was tuned from):
+  R* and R̃* (Cor. 3.3) from the **reference** log-probs and the vote shares α of the data (``votes`` /
+  ``pandalm`` / ``llmfao`` formats), clipped to [1e-3, 1 − 1e-3]. Data without votes uses the released
+  code's fallback α = ``--fallback-alpha`` (0.75); ``idealized.alpha_source`` says which. Reported per β
+  with min / median / max. Alignment gap = 100 · (median_β R* − R), in points. Difficulty (Chen Thm 4.1):
+  quantiles of the flip threshold τ = softplus(−β c) with c = log π_ref(y_l) − log π_ref(y_w) at
+  ``--beta``, and the four flip categories. Without ``--reference`` none of these is computed (R* of the
+  evaluated model itself is not Chen's quantity, and its "gap" is meaningless); ``ranking.json`` then
+  holds ``needs_reference`` saying so, and so does stdout. To use ``--model`` as its own reference, pass
+  it to ``--reference`` as well.
+* Ties (α = 0.5) are excluded from every accuracy by default (Chen Fig. 1, Tables 1 and 4). With
+  ``--include-ties`` every accuracy uses the Def. C.1 rule (ε = 0.01), one rule on one scale per pair of
+  metrics (``jaxpref.metrics.tie_rule_scores``, the released code's scales): summed log-probs for R and
+  R*, the geometric-mean probability exp(mean log-prob) = 1/perplexity for R̃ and R̃*.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
-    p.add_argument("--reference", default=None, help="reference model spec for R* and flip categories "
-                                                     "(default: --model); tokenised with --model's tokenizer")
+    p.add_argument("--reference", default=None, help="reference model spec (Chen's π_ref) for R* / R̃*, the "
+                                                     "alignment gap and the difficulty (none without it); "
+                                                     "tokenised with --model's tokenizer")
     common.add_data_args(p)
     common.add_common_args(p)
     p.add_argument("--betas", type=float, nargs="+", default=None, help="β grid for R* (default 0.01 0.1 1 5 10)")
@@ -47,41 +52,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+NEEDS_REFERENCE = ("R* / R̃* (Chen et al. Cor. 3.3), the alignment gap and the flip difficulty (Thm 4.1) are "
+                   "functions of the reference model's log-probs: pass --reference (e.g. the SFT model the evaluated "
+                   "model was tuned from); without it only R / R̃ are reported")
+
+
 def compute(model_scores, ref_scores, votes: np.ndarray, tie: np.ndarray, *, has_votes: bool, betas, beta: float,
-            ties_correct: bool, include_ties: bool, fallback_alpha: float, has_reference: bool):
-    """(summary dict, per-example columns) from :class:`jaxpref.evaluation.PairScores` of model and reference."""
+            ties_correct: bool, include_ties: bool, fallback_alpha: float):
+    """(summary dict, per-example columns) from :class:`jaxpref.evaluation.PairScores` of model and reference.
+
+    ``ref_scores=None`` (no ``--reference``): R / R̃ only, and the summary's ``needs_reference`` says why.
+    """
     from jaxpref import metrics
 
-    betas = tuple(metrics.DEFAULT_BETAS if betas is None else betas)
     alpha = np.asarray(votes, np.float32) if has_votes else np.full(len(votes), fallback_alpha, np.float32)
     tie = np.asarray(tie, bool) & has_votes
     keep = jnp.asarray(~tie | include_ties)
     s, c, m = (jnp.asarray(x) for x in (model_scores.sums, model_scores.counts, model_scores.means))
-    rs, rm = jnp.asarray(ref_scores.sums), jnp.asarray(ref_scores.means)
 
     plain = metrics.ranking_accuracy(s[:, 0], s[:, 1], c[:, 0], c[:, 1], keep, ties_correct=ties_correct)
-    correct = np.asarray(metrics.pair_correct(s[:, 0], s[:, 1], ties_correct=ties_correct))
-    correct_n = np.asarray(metrics.pair_correct(m[:, 0], m[:, 1], ties_correct=ties_correct))
+    correct = np.array(metrics.ranking_correct(s[:, 0], s[:, 1], ties_correct=ties_correct))  # writable copies
+    correct_n = np.array(metrics.ranking_correct(m[:, 0], m[:, 1], ties_correct=ties_correct))
     r, rn = float(plain.ranking.mean), float(plain.normalized.mean)
-    if include_ties and tie.any():  # Def. C.1 on the released code's scales
+    if include_ties and tie.any():  # Def. C.1, the same rule and scale as R* / R̃* (metrics.tie_rule_scores)
         a = jnp.asarray(alpha)
-        gm = metrics.tie_scale_scores(s, c, "geometric_mean_prob")
-        correct = np.where(tie, np.asarray(metrics.ties_rule_correct(s[:, 0], s[:, 1], a)), correct)
-        correct_n = np.where(tie, np.asarray(metrics.ties_rule_correct(gm[:, 0], gm[:, 1], a)), correct_n)
+        for cols, x, normalized in ((correct, s, False), (correct_n, m, True)):
+            t1, t2 = (metrics.tie_rule_scores(x[:, i], normalized=normalized) for i in (0, 1))
+            cols[tie] = np.asarray(metrics.ties_rule_correct(t1, t2, a))[tie]
         r, rn = float(correct.mean()), float(correct_n.mean())
 
-    b = jnp.asarray(betas, jnp.float32)
-    ideal = metrics.idealized_ranking_accuracy(rs[:, 0], rs[:, 1], jnp.asarray(alpha), b, keep,
-                                               include_ties=include_ties)
-    ideal_n = metrics.idealized_ranking_accuracy(rm[:, 0], rm[:, 1], jnp.asarray(alpha), b, keep,
-                                                 include_ties=include_ties)
-    summ, summ_n = metrics.beta_summary(ideal.mean), metrics.beta_summary(ideal_n.mean)
-    ideal_correct = np.asarray(metrics.idealized_correct(rs[:, 0], rs[:, 1], jnp.asarray(alpha), b)).T  # [N, nβ]
-
-    d = metrics.example_difficulty(s[:, 0], s[:, 1], rs[:, 0], rs[:, 1], beta, ties_correct=ties_correct)
     n_eval = int(np.sum(np.asarray(keep)))
-    from jaxpref.evaluation import describe
-
     summary = {
         "n_pairs": int(len(votes)),
         "n_evaluated": n_eval,
@@ -91,6 +91,38 @@ def compute(model_scores, ref_scores, votes: np.ndarray, tie: np.ndarray, *, has
         "ranking_accuracy": r,
         "ranking_accuracy_normalized": rn,
         "exact_log_prob_ties": int(np.sum(np.asarray(s[:, 0] == s[:, 1]))),
+    }
+    columns = {"alpha": alpha, "correct": correct, "correct_normalized": correct_n, "evaluated": np.asarray(keep)}
+    if ref_scores is None:
+        summary["needs_reference"] = NEEDS_REFERENCE
+        return summary, columns
+    summary.update(_reference_metrics(s, ref_scores, alpha, keep, betas=betas, beta=beta, ties_correct=ties_correct,
+                                      include_ties=include_ties, has_votes=has_votes, fallback_alpha=fallback_alpha,
+                                      r=r, rn=rn, columns=columns))
+    return summary, columns
+
+
+def _reference_metrics(s, ref_scores, alpha, keep, *, betas, beta, ties_correct, include_ties, has_votes,
+                       fallback_alpha, r, rn, columns) -> dict:
+    """R* / R̃* per β, the alignment gap, the difficulty and the flip categories; adds per-example columns."""
+    from jaxpref import metrics
+    from jaxpref.evaluation import describe
+
+    betas = tuple(metrics.DEFAULT_BETAS if betas is None else betas)
+    rs, rm = jnp.asarray(ref_scores.sums), jnp.asarray(ref_scores.means)
+    b, a = jnp.asarray(betas, jnp.float32), jnp.asarray(alpha)
+    ideal = metrics.idealized_ranking_accuracy(rs[:, 0], rs[:, 1], a, b, keep, include_ties=include_ties)
+    ideal_n = metrics.idealized_ranking_accuracy(rm[:, 0], rm[:, 1], a, b, keep, include_ties=include_ties,
+                                                 normalized=True)
+    summ, summ_n = metrics.beta_summary(ideal.mean), metrics.beta_summary(ideal_n.mean)
+    d = metrics.example_difficulty(s[:, 0], s[:, 1], rs[:, 0], rs[:, 1], beta, ties_correct=ties_correct)
+    kept = np.asarray(keep)
+    fc = metrics.flip_categories(d.reference_correct, d.model_correct, d.dpo_loss, d.margin, keep)
+    columns.update({"idealized_correct": np.asarray(metrics.idealized_correct(rs[:, 0], rs[:, 1], a, b)).T,  # [N, nβ]
+                    "reference_log_ratio": np.asarray(d.ref_log_ratio),
+                    "flip_threshold": np.asarray(d.flip_threshold), "dpo_loss": np.asarray(d.dpo_loss),
+                    "reference_correct": np.asarray(d.reference_correct)})
+    return {
         "idealized": {
             "alpha_source": "votes" if has_votes else f"fallback: no votes in the data, alpha = {fallback_alpha} "
                                                       "for every pair (simulate_proportion of the released code)",
@@ -105,22 +137,15 @@ def compute(model_scores, ref_scores, votes: np.ndarray, tie: np.ndarray, *, has
         "alignment_gap_normalized": float(metrics.alignment_gap(summ_n["median"], rn)),
         "difficulty": {
             "beta": beta,
-            "reference_log_ratio": describe(np.asarray(d.ref_log_ratio)[np.asarray(keep)]),
-            "flip_threshold": describe(np.asarray(d.flip_threshold)[np.asarray(keep)]),
-            "reference_ranking_accuracy": float(np.mean(np.asarray(d.reference_correct)[np.asarray(keep)])),
+            "reference_log_ratio": describe(np.asarray(d.ref_log_ratio)[kept]),
+            "flip_threshold": describe(np.asarray(d.flip_threshold)[kept]),
+            "reference_ranking_accuracy": float(np.mean(np.asarray(d.reference_correct)[kept])),
         },
-    }
-    if has_reference:
-        fc = metrics.flip_categories(d.reference_correct, d.model_correct, d.dpo_loss, d.margin, keep)
-        summary["flip_categories"] = {
+        "flip_categories": {
             name: {"count": int(n), "share": float(sh), "mean_dpo_loss": float(lo), "mean_margin": float(mg)}
             for name, n, sh, lo, mg in zip(metrics.FLIP_CATEGORIES, np.asarray(fc.counts), np.asarray(fc.shares),
-                                           np.asarray(fc.mean_loss), np.asarray(fc.mean_margin))}
-    columns = {"alpha": alpha, "correct": correct, "correct_normalized": correct_n, "idealized_correct": ideal_correct,
-               "reference_log_ratio": np.asarray(d.ref_log_ratio), "flip_threshold": np.asarray(d.flip_threshold),
-               "dpo_loss": np.asarray(d.dpo_loss), "reference_correct": np.asarray(d.reference_correct),
-               "evaluated": np.asarray(keep)}
-    return summary, columns
+                                           np.asarray(fc.mean_loss), np.asarray(fc.mean_margin))},
+    }
 
 
 def _plots(out: pathlib.Path, model_scores, summary: dict, columns: dict) -> None:
@@ -137,6 +162,8 @@ def _plots(out: pathlib.Path, model_scores, summary: dict, columns: dict) -> Non
     fig.tight_layout()
     fig.savefig(out / "margins.png", dpi=100)
     plt.close(fig)
+    if "idealized" not in summary:  # no reference: R / R̃ only
+        return
 
     ideal = summary["idealized"]
     betas = ideal["betas"]
@@ -172,7 +199,7 @@ def main(argv=None) -> dict:
         kw = dict(batch_size=args.batch_size, progress=not args.no_progress)
         scores = ev.score_pairs(loaded.model, data.pairs, desc="model", **kw)
         del loaded
-        ref_scores = scores
+        ref_scores = None
         if args.reference:
             from jaxpref.loading import check_vocab, load_model
 
@@ -183,9 +210,8 @@ def main(argv=None) -> dict:
         common.fail(err)
     summary, cols = compute(scores, ref_scores, data.pairs.votes, data.pairs.tie, has_votes=data.has_votes,
                             betas=args.betas, beta=args.beta, ties_correct=not args.strict_ties,
-                            include_ties=args.include_ties, fallback_alpha=args.fallback_alpha,
-                            has_reference=args.reference is not None)
-    summary = {"model": args.model, "reference": args.reference or args.model, "data": str(args.data),
+                            include_ties=args.include_ties, fallback_alpha=args.fallback_alpha)
+    summary = {"model": args.model, "reference": args.reference, "data": str(args.data),
                "rows_rejected": len(data.rejects), **summary}
     ev.write_json(out / "ranking.json", summary)
     rows = []
@@ -196,20 +222,24 @@ def main(argv=None) -> dict:
                "chosen_logp": float(scores.sums[i, 0]), "rejected_logp": float(scores.sums[i, 1]),
                "chosen_tokens": int(scores.counts[i, 0]), "rejected_tokens": int(scores.counts[i, 1]),
                "chosen_logp_mean": float(scores.means[i, 0]), "rejected_logp_mean": float(scores.means[i, 1]),
-               "correct": bool(cols["correct"][i]), "correct_normalized": bool(cols["correct_normalized"][i]),
-               "idealized_correct": {str(b): bool(x) for b, x in zip(summary["idealized"]["betas"],
-                                                                     cols["idealized_correct"][i])},
-               "reference_log_ratio": float(cols["reference_log_ratio"][i]),
-               "flip_threshold": float(cols["flip_threshold"][i])}
-        if args.reference:
-            row.update(ref_chosen_logp=float(ref_scores.sums[i, 0]), ref_rejected_logp=float(ref_scores.sums[i, 1]),
+               "correct": bool(cols["correct"][i]), "correct_normalized": bool(cols["correct_normalized"][i])}
+        if ref_scores is not None:
+            row.update(idealized_correct={str(b): bool(x) for b, x in zip(summary["idealized"]["betas"],
+                                                                          cols["idealized_correct"][i])},
+                       reference_log_ratio=float(cols["reference_log_ratio"][i]),
+                       flip_threshold=float(cols["flip_threshold"][i]),
+                       ref_chosen_logp=float(ref_scores.sums[i, 0]), ref_rejected_logp=float(ref_scores.sums[i, 1]),
                        reference_correct=bool(cols["reference_correct"][i]), dpo_loss=float(cols["dpo_loss"][i]))
         rows.append(row)
     ev.write_jsonl(out / "per_example.jsonl", rows)
     _plots(out, scores, summary, cols)
-    print(f"R = {summary['ranking_accuracy']:.4f}  R̃ = {summary['ranking_accuracy_normalized']:.4f}  "
-          f"R* median = {summary['idealized']['R_star']['median']:.4f}  gap = {summary['alignment_gap']:.1f} pts  "
-          f"-> {out / 'ranking.json'}")
+    line = f"R = {summary['ranking_accuracy']:.4f}  R̃ = {summary['ranking_accuracy_normalized']:.4f}  "
+    if ref_scores is None:
+        line += f"(no --reference: {NEEDS_REFERENCE})  "
+    else:
+        line += (f"R* median = {summary['idealized']['R_star']['median']:.4f}  "
+                 f"gap = {summary['alignment_gap']:.1f} pts  ")
+    print(f"{line}-> {out / 'ranking.json'}")
     return summary
 
 

@@ -22,6 +22,10 @@ from eval import common
 
 SKIP_DIRS = {"checkpoints", "tensorboard", "report"}
 MAX_ROWS = 60
+# metrics.jsonl keys the curves use: the x axis, and counters that are not plotted (preference runs log
+# tokens / pairs / nonfinite, SFT runs tokens / target_tokens). tests/test_demo.py checks them against real runs.
+STEP_KEY = "step"
+NOT_PLOTTED = ("tokens", "pairs", "nonfinite", "target_tokens")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,10 +62,10 @@ def plot_curves(rows: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
     """One PNG per metric group; returns the files."""
     from jaxpref.evaluation import pyplot
 
-    keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, int | float)})
+    keys = sorted({k for r in rows for k, v in r.items() if k != STEP_KEY and isinstance(v, int | float)})
     groups: dict[str, list[str]] = {}
     for k in keys:
-        if k in ("tokens", "pairs", "nonfinite", "target_tokens"):
+        if k in NOT_PLOTTED:
             continue
         groups.setdefault(_group(k), []).append(k)
     plt = pyplot()
@@ -69,7 +73,7 @@ def plot_curves(rows: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
     for name, ks in sorted(groups.items()):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for k in ks[:12]:
-            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), int | float) and math.isfinite(r[k])]
+            pts = [(r[STEP_KEY], r[k]) for r in rows if isinstance(r.get(k), int | float) and math.isfinite(r[k])]
             if pts:
                 ax.plot(*zip(*pts), label=k, lw=1.2)
         ax.set(xlabel="step", title=name)

@@ -79,6 +79,15 @@ def _run_config(base: list[str], section: dict):
     return load_config(RunConfig, None, [*base, *_overrides("", section)])
 
 
+# Keys the demo reads from what the training and eval scripts write; tests/test_demo.py checks each one
+# against the files a real demo run wrote, so a rename fails a test instead of dropping a number.
+METRICS_ROW_KEYS = ("step", "loss")  # runs/NAME/metrics.jsonl rows (run_training)
+RANKING_KEYS = ("ranking_accuracy", "ranking_accuracy_normalized", "alignment_gap", "alignment_gap_normalized",
+                "n_evaluated", "idealized")  # eval.ranking's ranking.json (with --reference)
+RANKING_ROW_KEYS = ("row", "evaluated")  # eval.ranking's per_example.jsonl rows
+CHES_KEYS = ("n_pairs", "ches", "ln_ches", "fraction_ches_positive")  # eval.ches's summary.json
+CHES_ROW_KEYS = ("ches",)  # eval.ches's ches.jsonl rows
+
 REWARD_KEYS = ("reward_scale", "demonstrator_temperature", "reward_kind")  # testbed keys that are not TestbedConfig
 DEMO_KEYS = {"testbed", "model", "data", "sft", "preference", "methods", "method_overrides", "eval"}
 
@@ -193,9 +202,10 @@ def run_demo(out: str | pathlib.Path = "runs/demo", *, config: str | pathlib.Pat
         traj = _exact_trajectory(tb, run_dir, ref_logps, pref, reward)
         logps = final_logps[name] = traj.pop("final_logps")
         metrics_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        step_key, loss_key = METRICS_ROW_KEYS
         methods[name] = {
-            "loss": loss, "final_train_loss": summary["final_metrics"].get("loss"), "trajectory": traj,
-            "loss_curve": {"step": [m["step"] for m in metrics_rows], "loss": [m["loss"] for m in metrics_rows]},
+            "loss": loss, "final_train_loss": summary["final_metrics"].get(loss_key), "trajectory": traj,
+            "loss_curve": {"step": [m[step_key] for m in metrics_rows], "loss": [m[loss_key] for m in metrics_rows]},
             "exact_win_rate_vs_reference": traj["win_rate"][-1], "exact_kl_to_reference": traj["kl"][-1],
             "exact_ranking_accuracy_eval": float(sb.exact_ranking_accuracy(logps, eval_pairs)),
             "exact_ranking_accuracy_train": float(sb.exact_ranking_accuracy(logps, train_pairs)),
@@ -208,8 +218,7 @@ def run_demo(out: str | pathlib.Path = "runs/demo", *, config: str | pathlib.Pat
     for name, m in methods.items():
         s = eval_ranking.main(["--model", f"run:{out / 'runs' / name}", "--reference", f"run:{sft_dir}", *data_args,
                                "--out", str(out / "eval" / name), "--betas", *betas, *quiet])
-        m["ranking"] = {k: s[k] for k in ("ranking_accuracy", "ranking_accuracy_normalized", "alignment_gap",
-                                          "alignment_gap_normalized", "n_evaluated")}
+        m["ranking"] = {k: s[k] for k in RANKING_KEYS if k != "idealized"}
         m["ranking"]["idealized_R_star"] = s["idealized"]["R_star"]
         m["ranking"]["exact_on_evaluated"] = _exact_on_evaluated(out / "eval" / name, final_logps[name], eval_pairs)
         m["ranking"]["matches_exact"] = bool(abs(s["ranking_accuracy"] - m["ranking"]["exact_on_evaluated"]) < 1e-6)
@@ -225,11 +234,10 @@ def run_demo(out: str | pathlib.Path = "runs/demo", *, config: str | pathlib.Pat
                       "idealized_ranking_accuracy_eval": {
                           str(b): float(sb.exact_idealized_ranking_accuracy(ref_logps, eval_pairs, float(b)))
                           for b in cfg["eval"]["betas"]}},
-        "methods": methods, "ches": {k: ches[k] for k in ches if k in ("n_pairs", "ches", "ln_ches",
-                                                                          "share_positive_ches")},
+        "methods": methods, "ches": {k: ches[k] for k in CHES_KEYS},
         "timings_s": {k: round(v, 1) for k, v in timings.items()}, "quick": quick,
     }
-    _plots(report, methods, result, [r["ches"] for r in ches_rows])
+    _plots(report, methods, result, [r[CHES_ROW_KEYS[0]] for r in ches_rows])
     (report / "metrics.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     (report / "report.md").write_text(_markdown(result))
     return result
@@ -239,7 +247,8 @@ def _exact_on_evaluated(eval_dir: pathlib.Path, logps, pairs) -> float:
     """The exact ranking accuracy (enumerated π) over the pairs ``eval.ranking`` evaluated (α = 0.5 ties are
     dropped there); ``row`` of its per-example file is the pair's line in the data file, i.e. its index."""
     rows = [json.loads(x) for x in (eval_dir / "per_example.jsonl").read_text().splitlines()]
-    idx = np.array([r["row"] for r in rows if r["evaluated"]])
+    row_key, evaluated_key = RANKING_ROW_KEYS
+    idx = np.array([r[row_key] for r in rows if r[evaluated_key]])
     lp = np.asarray(sb.pair_logps(logps, pairs))[idx]
     return float(np.mean(lp[:, 0] >= lp[:, 1]))
 
@@ -300,6 +309,10 @@ def _markdown(result: dict) -> str:
         lines.append(f"| {name} | {m['exact_win_rate_vs_reference']:.3f} | {m['exact_kl_to_reference']:.3f} | "
                      f"{rk['ranking_accuracy']:.3f} | {rk['idealized_R_star']['median']:.3f} | "
                      f"{rk['alignment_gap']:.1f} |")
+    ch = result["ches"]
+    lines += ["", f"CHES of the {ch['n_pairs']} held-out pairs under the reference (Razin et al.): median "
+                  f"{ch['ches']['median']:.4g}, LN-CHES median {ch['ln_ches']['median']:.4g}, share with CHES > 0 "
+                  f"{ch['fraction_ches_positive']:.3f}."]
     lines += ["", f"Timings (s): {result['timings_s']}", "",
               "![loss](loss_curves.png) ![win rate](win_rate.png)",
               "![ranking](ranking_vs_idealized.png) ![ches](ches_hist.png)", ""]

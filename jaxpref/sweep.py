@@ -358,7 +358,11 @@ def run_local(spec: SweepSpec, runs: Sequence[SweepRun], *, python: str, timeout
 
 # --- results table ----------------------------------------------------------------------------------------------
 
-METRICS = ("loss", "rewards/accuracies", "rewards/margins")
+# Final-metric columns. ``rewards/accuracies`` is the *reward* accuracy of the DPO family (Chen Remark 2.5);
+# TYPO logs the policy's *ranking* accuracy (Chen Def. 2.3) as ``typo/ranking_accuracy`` (jaxpref.losses.typo),
+# a different quantity in its own column. Optional columns appear only when some run logged them.
+METRICS = ("loss", "rewards/accuracies", "typo/ranking_accuracy", "rewards/margins")
+OPTIONAL_METRICS = ("typo/ranking_accuracy",)
 SUMMARY_COLUMNS = ("steps", "tokens_per_s", "seconds")
 
 
@@ -374,7 +378,8 @@ def run_status(run: SweepRun) -> tuple[str, str]:
 
 
 def collect_results(runs: Sequence[SweepRun]) -> list[dict[str, Any]]:
-    """One row per run: name, varied values, status, final metrics and throughput from ``summary.json``."""
+    """One row per run: name, varied values, status, final metrics (:data:`METRICS`) and throughput from
+    ``summary.json``."""
     rows = []
     for run in runs:
         status, error = run_status(run)
@@ -385,7 +390,8 @@ def collect_results(runs: Sequence[SweepRun]) -> list[dict[str, Any]]:
         row.update({c: summary.get(c) for c in SUMMARY_COLUMNS})
         row["error"] = error
         rows.append(row)
-    return rows
+    unused = [m for m in OPTIONAL_METRICS if all(r[m] is None for r in rows)]
+    return [{k: v for k, v in r.items() if k not in unused} for r in rows]
 
 
 def _cell(value: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -53,3 +54,33 @@ def test_demo_numbers_are_consistent(demo):
         assert m["ranking"]["matches_exact"], (name, m["ranking"])
         assert 0.0 <= m["ranking"]["ranking_accuracy"] <= 1.0
     assert result["timings_s"]["total_s"] > 0
+
+
+def _jsonl(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_every_key_the_demo_and_report_read_is_written(demo):
+    """The keys jaxpref.demo and eval.report read exist in the files this demo run's scripts wrote."""
+    from eval import report
+    from jaxpref import demo as demo_mod
+
+    out, result, cfg = demo
+    runs = [out / "runs" / "sft", *(out / "runs" / name for name in cfg["methods"])]
+    rows = [r for run in runs for r in _jsonl(run / "metrics.jsonl")]
+    assert all(set(demo_mod.METRICS_ROW_KEYS) <= set(r) and report.STEP_KEY in r for r in rows)
+    written = {k for r in rows for k in r}
+    assert set(report.NOT_PLOTTED) <= written, set(report.NOT_PLOTTED) - written
+    for name in cfg["methods"]:
+        ranking = json.loads((out / "eval" / name / "ranking.json").read_text())
+        assert set(demo_mod.RANKING_KEYS) <= set(ranking) and "R_star" in ranking["idealized"]
+        assert all(set(demo_mod.RANKING_ROW_KEYS) <= set(r) for r in _jsonl(out / "eval" / name / "per_example.jsonl"))
+    ches = json.loads((out / "eval" / "ches" / "summary.json").read_text())
+    assert set(demo_mod.CHES_KEYS) <= set(ches)
+    ches_rows = _jsonl(out / "eval" / "ches" / "ches.jsonl")
+    assert all(set(demo_mod.CHES_ROW_KEYS) <= set(r) for r in ches_rows)
+    # Nothing dropped on the way into metrics.json (the share of positive CHES used to be lost).
+    on_disk = json.loads((out / "report" / "metrics.json").read_text())
+    assert set(on_disk["ches"]) == set(demo_mod.CHES_KEYS)
+    assert on_disk["ches"]["fraction_ches_positive"] == np.mean([r["ches"] > 0 for r in ches_rows])

@@ -65,24 +65,23 @@ def _jsonl(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_ranking_on_hf_directory(hf_dir, hh, out):
+def test_ranking_on_hf_directory_without_reference_reports_r_only(hf_dir, hh, out, capsys):
     from eval import ranking
 
     summary = ranking.main(["--model", f"hf:{hf_dir}", "--data", str(hh), "--out", str(out / "rank_hf"), *DATA])
     saved = json.loads((out / "rank_hf" / "ranking.json").read_text())
     assert saved["n_pairs"] == 16 and saved["ranking_accuracy"] == pytest.approx(summary["ranking_accuracy"])
-    for key in ("ranking_accuracy_normalized", "idealized", "alignment_gap", "alignment_gap_normalized", "difficulty"):
-        assert key in saved
-    assert set(saved["idealized"]["R_star"]) == {"min", "median", "max"}
-    assert saved["idealized"]["betas"] == [0.01, 0.1, 1.0, 5.0, 10.0]
-    assert "fallback" in saved["idealized"]["alpha_source"]  # HH has no votes
+    assert "ranking_accuracy_normalized" in saved and saved["reference"] is None
+    # R* and the gap are functions of a reference model (Chen Cor. 3.3): none without --reference, and why.
+    for key in ("idealized", "alignment_gap", "alignment_gap_normalized", "difficulty", "flip_categories"):
+        assert key not in saved, key
+    assert "--reference" in saved["needs_reference"]
+    assert "--reference" in capsys.readouterr().out
     rows = _jsonl(out / "rank_hf" / "per_example.jsonl")
-    assert len(rows) == 16
+    assert len(rows) == 16 and "idealized_correct" not in rows[0] and "flip_threshold" not in rows[0]
     assert np.mean([r["chosen_logp"] >= r["rejected_logp"] for r in rows]) == pytest.approx(saved["ranking_accuracy"])
-    assert saved["alignment_gap"] == pytest.approx(100 * (saved["idealized"]["R_star"]["median"]
-                                                          - saved["ranking_accuracy"]), abs=1e-4)
-    for png in ("margins.png", "idealized.png", "flip_threshold.png"):
-        assert (out / "rank_hf" / png).stat().st_size > 0
+    assert (out / "rank_hf" / "margins.png").stat().st_size > 0
+    assert not (out / "rank_hf" / "idealized.png").exists()
 
 
 def test_ranking_on_run_checkpoint_with_votes_and_reference(run_dir, hf_dir, pandalm, out):
@@ -90,7 +89,13 @@ def test_ranking_on_run_checkpoint_with_votes_and_reference(run_dir, hf_dir, pan
 
     summary = ranking.main(["--model", f"run:{run_dir}", "--reference", f"hf:{hf_dir}", "--data", str(pandalm),
                             "--out", str(out / "rank_run"), *DATA])
-    assert summary["idealized"]["alpha_source"] == "votes"
+    assert summary["idealized"]["alpha_source"] == "votes" and "needs_reference" not in summary
+    assert set(summary["idealized"]["R_star"]) == {"min", "median", "max"}
+    assert summary["idealized"]["betas"] == [0.01, 0.1, 1.0, 5.0, 10.0]
+    assert summary["alignment_gap"] == pytest.approx(100 * (summary["idealized"]["R_star"]["median"]
+                                                            - summary["ranking_accuracy"]), abs=1e-4)
+    for png in ("margins.png", "idealized.png", "flip_threshold.png"):
+        assert (out / "rank_run" / png).stat().st_size > 0
     assert summary["n_evaluated"] == summary["n_pairs"] - summary["n_ties"]
     fc = summary["flip_categories"]
     assert sum(v["count"] for v in fc.values()) == summary["n_evaluated"]
@@ -205,3 +210,22 @@ def test_score_pairs_sharded_on_a_mesh_matches_single_device(hf_dir, hh):
     h_norm = np.sqrt(cfg.hidden_size) * float(np.abs(np.asarray(loaded.model.final_norm.scale_d[...])).max())
     np.testing.assert_allclose(sharded.hidden_sums, plain.hidden_sums, rtol=0, atol=(tol.hidden_state_tol(
         cfg, 64) + tol.relative_tol(64)) * h_norm * plain.counts.max())  # Σ_t ‖δh_t‖, ‖h_t‖ <= √D·max|scale|
+
+
+def test_committed_smollm2_ranking_results_and_their_readme_numbers():
+    """The committed SmolLM2 runs had no reference: they hold R / R̃ only (no self-referenced R* or gap), and
+    the README's Evaluation section quotes them as they are."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    readme = " ".join((root / "README.md").read_text().split())
+    quoted = []
+    for name in ("llmfao300", "pandalm300"):
+        res = json.loads((root / "bench" / "results" / f"smollm2_idealized_{name}.json").read_text())
+        assert res["reference"] is None and "--reference" in res["needs_reference"]
+        for key in ("idealized", "alignment_gap", "alignment_gap_normalized", "difficulty", "flip_categories"):
+            assert key not in res, (name, key)
+        assert res["n_evaluated"] == res["n_pairs"] - res["n_ties"]
+        quoted.append((f"{100 * res['ranking_accuracy']:.1f}%", f"{100 * res['ranking_accuracy_normalized']:.1f}%",
+                       str(res["n_evaluated"])))
+    (r1, rn1, n1), (r2, rn2, n2) = quoted
+    assert f"ranks {r1} (R) / {rn1} (R̃) of the {n1} non-tie pairs among the first 300 LLMFAO pairs" in readme
+    assert f"and {r2} / {rn2} of the {n2} on PandaLM" in readme

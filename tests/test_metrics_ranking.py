@@ -124,7 +124,7 @@ def test_eval_ranking_summary_on_hand_dataset():
 
     sc = _scores(LW, LL, NW, NL)
     summary, cols = compute(sc, sc, np.asarray(ALPHA), TIE, has_votes=True, betas=None, beta=0.1, ties_correct=True,
-                            include_ties=False, fallback_alpha=0.75, has_reference=True)
+                            include_ties=False, fallback_alpha=0.75)
     assert summary["n_pairs"] == 6 and summary["n_evaluated"] == 4 and summary["n_ties"] == 2
     assert summary["ranking_accuracy"] == pytest.approx(0.5)
     assert summary["ranking_accuracy_normalized"] == pytest.approx(1.0)
@@ -138,11 +138,66 @@ def test_eval_ranking_summary_on_hand_dataset():
     assert fc["correct->correct"]["count"] + fc["incorrect->incorrect"]["count"] == 4
     # Ties included: R uses Def. C.1 (both tie pairs correct) -> 4/6.
     s2, _ = compute(sc, sc, np.asarray(ALPHA), TIE, has_votes=True, betas=None, beta=0.1, ties_correct=True,
-                    include_ties=True, fallback_alpha=0.75, has_reference=False)
+                    include_ties=True, fallback_alpha=0.75)
     assert s2["ranking_accuracy"] == pytest.approx(4 / 6) and s2["n_evaluated"] == 6
     # No votes: the released code's fallback α = 0.75 for every pair, stated in the summary.
     s3, c3 = compute(sc, sc, np.ones(6), np.zeros(6, bool), has_votes=False, betas=[1.0], beta=0.1, ties_correct=True,
-                     include_ties=False, fallback_alpha=0.75, has_reference=False)
+                     include_ties=False, fallback_alpha=0.75)
     assert "fallback" in s3["idealized"]["alpha_source"] and np.all(c3["alpha"] == 0.75)
     # β = 1, α = 0.75: correct iff Δ_ref + ln 3 > 0: pairs 1, 3 (Δ 0), 5, 6 of six.
     assert s3["idealized"]["per_beta"]["1.0"]["R_star"] == pytest.approx(4 / 6)
+
+
+def test_eval_ranking_without_reference_reports_r_only():
+    # Chen Cor. 3.3: R* is a function of the *reference* log-probs. Without one, R* of the evaluated model
+    # itself is not Chen's quantity and its "gap" is meaningless: only R / R̃, plus the reason.
+    from eval.ranking import compute
+
+    sc = _scores(LW, LL, NW, NL)
+    summary, cols = compute(sc, None, np.asarray(ALPHA), TIE, has_votes=True, betas=None, beta=0.1,
+                            ties_correct=True, include_ties=False, fallback_alpha=0.75)
+    assert summary["ranking_accuracy"] == pytest.approx(0.5)
+    assert summary["ranking_accuracy_normalized"] == pytest.approx(1.0)
+    for key in ("idealized", "alignment_gap", "alignment_gap_normalized", "difficulty", "flip_categories"):
+        assert key not in summary, key
+    assert "--reference" in summary["needs_reference"] and "R*" in summary["needs_reference"]
+    assert set(cols) == {"alpha", "correct", "correct_normalized", "evaluated"}
+
+
+# Ties in the labels (α = 0.5) under Def. C.1, ε = 0.01. Summed log-probs, token counts, α:
+#   A: means −5 vs −6: |Δ sum| = 10 (R: not a tie); |e^−5 − e^−6| = 0.00426 < ε (R̃: a tie, correct)
+#   B: means −1 vs −1.5: neither scale is within ε
+#   C: sums −7 vs −7.005 (7 tokens each): within ε on both scales
+#   D: a clear non-tie, α = 1, ranked right on both scales
+TIE_PAIRS = [(-50.0, -60.0, 10, 10, 0.5), (-10.0, -15.0, 10, 10, 0.5), (-7.0, -7.005, 7, 7, 0.5),
+             (-3.0, -9.0, 3, 3, 1.0)]
+
+
+def test_tie_rule_is_the_same_for_r_tilde_and_r_tilde_star():
+    from eval.ranking import compute
+
+    lw, ll, nw, nl, al = (np.asarray([p[i] for p in TIE_PAIRS], np.float64) for i in range(5))
+    # Hand computation (float64) of Def. C.1 on each scale.
+    tie_sum = np.abs(lw - ll) < 0.01
+    tie_gm = np.abs(np.exp(lw / nw) - np.exp(ll / nl)) < 0.01
+    np.testing.assert_array_equal(tie_sum[:3], [False, False, True])
+    np.testing.assert_array_equal(tie_gm[:3], [True, False, True])
+    sc = _scores(lw.astype(np.float32), ll.astype(np.float32), nw, nl)
+    betas = jnp.asarray(metrics.DEFAULT_BETAS)
+    # R̃* (the optimum from a reference with these scores) uses the rule and scale of R̃.
+    ideal_n = np.asarray(metrics.idealized_correct(jnp.asarray(sc.means[:, 0]), jnp.asarray(sc.means[:, 1]),
+                                                   jnp.asarray(al, jnp.float32), betas, normalized=True))
+    np.testing.assert_array_equal(ideal_n[:, :3], np.broadcast_to(tie_gm[:3], (5, 3)))
+    ideal = np.asarray(metrics.idealized_correct(jnp.asarray(sc.sums[:, 0]), jnp.asarray(sc.sums[:, 1]),
+                                                 jnp.asarray(al, jnp.float32), betas))
+    np.testing.assert_array_equal(ideal[:, :3], np.broadcast_to(tie_sum[:3], (5, 3)))
+    # Through eval.ranking with the model as its own reference: R and R* count the same tie pairs, and so
+    # do R̃ and R̃* (old code: R̃ counted A, R̃* did not).
+    summary, cols = compute(sc, sc, al, al == 0.5, has_votes=True, betas=None, beta=0.1, ties_correct=True,
+                            include_ties=True, fallback_alpha=0.75)
+    np.testing.assert_array_equal(cols["correct"], [False, False, True, True])
+    np.testing.assert_array_equal(cols["correct_normalized"], [True, False, True, True])
+    assert summary["ranking_accuracy"] == pytest.approx(2 / 4)
+    assert summary["ranking_accuracy_normalized"] == pytest.approx(3 / 4)
+    for b in summary["idealized"]["per_beta"].values():
+        assert b == {"R_star": pytest.approx(2 / 4), "R_star_normalized": pytest.approx(3 / 4)}

@@ -158,6 +158,35 @@ def test_results_table_from_fake_run_dirs(tmp_path):
     assert len(md) == 2 + 3 and "data file \\| missing" in md[3]
 
 
+def test_typo_ranking_accuracy_and_dpo_reward_accuracy_get_separate_columns(tmp_path):
+    """TYPO's chosen > rejected on s·log πθ is the policy's ranking accuracy (Chen Def. 2.3); DPO's
+    ``rewards/accuracies`` is reward accuracy (Remark 2.5). The table takes both from the losses' own aux."""
+    import jax.numpy as jnp
+
+    from jaxpref import losses
+
+    # The policy ranks pairs 0, 1 right; the reference log-probs change which pairs the implicit reward gets right.
+    pc, pr = [-1.0, -2.0, -5.0, -3.0], [-2.0, -3.0, -4.0, -1.0]
+    rc, rr = [-1.5, -1.0, -7.0, -5.0], [-2.0, -4.0, -4.0, -2.0]
+    ranking_acc = 2 / 4  # pc > pr: pairs 0, 1
+    reward_acc = 3 / 4  # (pc − rc) > (pr − rr): 0.5 > 0 ✓, −1 > 1 ✗, 2 > 0 ✓, 2 > 1 ✓
+    inputs = losses.LossInputs(*(jnp.asarray(x) for x in (pc, pr, rc, rr)),
+                               reference_sample_logps=jnp.asarray([-3.0] * 4))
+    typo_aux = {k: float(jnp.mean(v)) for k, v in losses.get("typo")(inputs).aux.items()}
+    dpo_aux = {k: float(jnp.mean(v)) for k, v in losses.get("sigmoid")(inputs).aux.items()}
+    assert typo_aux["typo/ranking_accuracy"] == ranking_acc and "rewards/accuracies" not in typo_aux
+    assert dpo_aux["rewards/accuracies"] == reward_acc and "typo/ranking_accuracy" not in dpo_aux
+    spec, runs = fake_runs(tmp_path)
+    for run, aux in zip(runs, (dpo_aux, typo_aux)):
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "summary.json").write_text(json.dumps({"final_metrics": {"loss": 0.5, **aux}}))
+    rows = sweep.collect_results(runs)
+    assert [r["rewards/accuracies"] for r in rows] == [reward_acc, None, None]
+    assert [r["typo/ranking_accuracy"] for r in rows] == [None, ranking_acc, None]
+    # Without a TYPO run the optional column is left out.
+    assert "typo/ranking_accuracy" not in sweep.collect_results(runs[:1])[0]
+
+
 FAKE_TRAIN = """
 import json, pathlib, sys
 run_dir = pathlib.Path(next(a for a in sys.argv if a.startswith("run_dir=")).split("=", 1)[1])

@@ -282,7 +282,7 @@ def exact_idealized_ranking_accuracy(logp_ref, pairs: TestbedPairs, beta, *, inc
         lp = lp / pairs.response_length
     betas = jnp.atleast_1d(jnp.asarray(beta, jnp.float32))
     tally = ranking.idealized_ranking_accuracy(lp[:, 0], lp[:, 1], jnp.asarray(pairs.alpha), betas,
-                                               include_ties=include_ties)
+                                               include_ties=include_ties, normalized=normalize)
     return tally.mean[0] if np.ndim(beta) == 0 else tally.mean
 
 

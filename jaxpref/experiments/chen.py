@@ -58,6 +58,7 @@ from jaxpref.evaluation import pyplot
 from jaxpref.experiments import testbed_training as tt
 from jaxpref.experiments.runner import params_from_dict, write_results
 from jaxpref.metrics import difficulty, ranking
+from jaxpref.metrics.correlation import pearson
 
 CLAIM = ("DPO-trained models rarely reach the ranking accuracy of the idealized DPO/RLHF optimum (a large "
          "alignment gap), because DPO rarely flips pairs the reference misranks; the flip threshold "
@@ -264,21 +265,14 @@ def analyse_run(run: Run, logps: np.ndarray, dist: np.ndarray, p: ChenParams) ->
         "kl_best": float(m["kl"][best]), "kl_final": float(m["kl"][-1]),
         "near_reference": {"edge_record": edge, "dR_near": float(r_acc[edge] - r_acc[0]),
                            "dWR_near": float(wr[edge] - wr[0]), "dR_far": float(r_acc[-1] - r_acc[edge]),
-                           "dWR_far": float(wr[-1] - wr[edge]), "corr_near": _corr(r_acc[: edge + 1], wr[: edge + 1]),
-                           "corr_far": _corr(r_acc[edge:], wr[edge:])},
-        "corr_R_WR": _corr(r_acc, wr),
+                           "dWR_far": float(wr[-1] - wr[edge]), "corr_near": pearson(r_acc[: edge + 1], wr[: edge + 1]),
+                           "corr_far": pearson(r_acc[edge:], wr[edge:])},
+        "corr_R_WR": pearson(r_acc, wr),
         "trajectory": {"ranking_accuracy": r_acc.tolist(), "val_ranking_accuracy": val_r.tolist(),
                        "win_rate": wr.tolist(), "kl": m["kl"].tolist(), "val_loss": val_loss.tolist(),
                        "param_sq_dist": dist.tolist(), "chosen_logps": m["chosen_logps"].tolist(),
                        "flip_share": [flips(r)["flip_share"] for r in range(len(r_acc))]},
     }
-
-
-def _corr(x, y) -> float:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.size < 3 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
 
 
 # ----------------------------------------------------------------------------- run

@@ -56,7 +56,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.stats
 from flax import nnx
 
 from jaxpref import losses
@@ -66,6 +65,7 @@ from jaxpref.experiments.runner import params_from_dict, write_results
 from jaxpref.generation import SamplingConfig, generate, left_pad
 from jaxpref.logprobs import masked_hidden_sums, sequence_logprobs
 from jaxpref.metrics.ches import ches_scores, quantile_window
+from jaxpref.metrics.correlation import average_ranks, spearman
 from jaxpref.metrics.displacement import max_drop, riser_predictor, token_risers
 from jaxpref.models.llama2c import EOS_ID, Llama2cTokenizer, load_llama2c
 from jaxpref.training.optim import make_optimizer
@@ -195,14 +195,6 @@ def stratified_draw(similarity: np.ndarray, n: int, rng: np.random.Generator) ->
     order = np.argsort(similarity, kind="stable")
     picks = [int(rng.choice(block)) for block in np.array_split(order, n)]
     return np.asarray(picks), np.arange(n)
-
-
-def spearman(x, y) -> float:
-    """Spearman ρ (average ranks for ties); NaN when either side is constant or has < 3 values."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(scipy.stats.spearmanr(x, y).statistic)
 
 
 def _next_token_logps(graphdef, params, ids: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -536,7 +528,7 @@ def _plot(single: list[dict], subsets: list[dict], p: RazinParams, out_dir: path
     cmap = plt.get_cmap("coolwarm")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     kept = [r for s in single for r in s["runs"] if r["monotone"]]
-    rank = np.argsort(np.argsort([r[PRIMARY_SCORE] for r in kept]))
+    rank = average_ranks([r[PRIMARY_SCORE] for r in kept]) - 1
     for r, k in zip(kept, rank, strict=True):
         axes[0].plot(np.asarray(r["p_pos_trajectory"]) / r["p_pos_init"], color=cmap(k / max(len(kept) - 1, 1)),
                      alpha=0.5, lw=0.8)

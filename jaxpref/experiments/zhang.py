@@ -58,7 +58,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.stats
 from flax import nnx
 
 from jaxpref.data import synthetic
@@ -75,6 +74,7 @@ from jaxpref.experiments.zhang_training import (
     wro_surrogate,
 )
 from jaxpref.losses import wro
+from jaxpref.metrics.correlation import average_ranks, spearman
 
 Array = jax.Array
 PREFERENCES = ("bt", "intransitive")
@@ -280,13 +280,6 @@ def _stack(trees):
     return tt.stack_trees(list(trees))
 
 
-def _spearman(x, y) -> float:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(scipy.stats.spearmanr(x, y).statistic)
-
-
 def _summary(values) -> dict[str, Any]:
     v = np.asarray(values, np.float64)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
@@ -390,12 +383,12 @@ def _tracking(arm: str, curves: dict) -> dict[str, list[float]]:
     record; DPO: the negative minibatch loss), records after step 0. ``exact``: the arm's exact population
     objective at the records (none for self-play, whose competitor moves).
     """
-    train = [_spearman(o[1:], w[1:]) for o, w in zip(curves["train_objective"], curves["win_rate"])]
+    train = [spearman(o[1:], w[1:]) for o, w in zip(curves["train_objective"], curves["win_rate"])]
     exact_key = {"wro": "wro_objective", "wro_logit": "wro_logit_objective", "dpo": "dpo_population_loss"}.get(arm)
     if exact_key is None:
         return {"train": train}
     sign = -1.0 if arm == "dpo" else 1.0
-    return {"train": train, "exact": [_spearman(sign * o, w) for o, w in zip(curves[exact_key], curves["win_rate"])]}
+    return {"train": train, "exact": [spearman(sign * o, w) for o, w in zip(curves[exact_key], curves["win_rate"])]}
 
 
 def run(params: dict, seeds: list[int], out_dir: pathlib.Path, progress: bool = True) -> dict:
@@ -499,7 +492,7 @@ def _verdict(p: ZhangParams, w1: dict, w2: dict, cells: dict, optima: dict, rows
 
 def _ranks(x) -> np.ndarray:
     x = np.asarray(x, np.float64)
-    return scipy.stats.rankdata(x) / x.size
+    return average_ranks(x) / x.size
 
 
 def _plot(out_dir: pathlib.Path, p: ZhangParams, results: dict) -> None:

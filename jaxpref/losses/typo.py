@@ -15,6 +15,11 @@ Compositional (``typo``)::
 Regression (``typo_regression``): the first term becomes ``E[(σ(s·margin_θ) − p̂)²]`` with p̂ the
 empirical preference share of y_w (``LossInputs.votes``; 1 when absent, i.e. a single label).
 
+Logged aux (gradients stopped): ``rewards/{chosen,rejected,margins}`` = s·log πθ of each response and
+their difference (the BT scores of the first term), ``typo/ranking_accuracy`` = share of pairs with
+``πθ(y_w) > πθ(y_l)`` (the policy's ranking accuracy, not DPO's ``rewards/accuracies``),
+``typo/supervised`` and ``typo/sample_nll`` (the two terms).
+
 The second term equals KL(π_ref ‖ πθ) up to a θ-independent constant. It is estimated from responses
 sampled once from the frozen reference for the training prompts (no labels needed) and scored under πθ:
 ``LossInputs.reference_sample_logps`` (``[B]``, one sample per pair's prompt). Log-probs are summed over
@@ -49,6 +54,10 @@ from jaxpref.losses.registry import (
 )
 
 KL_NORMS = ("sum", "token_mean")
+# TYPO's "rewards" are s·log πθ (no reference), so chosen > rejected is the policy's **ranking** accuracy
+# (Chen et al. Def. 2.3, strict), not the reward accuracy DPO-family losses log as ``rewards/accuracies``
+# (Chen Remark 2.5): it gets its own name so tables and curves never put the two in one column.
+RANKING_ACCURACY = "typo/ranking_accuracy"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,7 +102,7 @@ def _aux(hp: TYPOHParams, inputs: LossInputs, supervised: BatchArray, nll: Batch
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/margins": chosen - rejected,
-        "rewards/accuracies": (chosen > rejected).astype(jnp.float32),
+        RANKING_ACCURACY: (chosen > rejected).astype(jnp.float32),
         "typo/supervised": jax.lax.stop_gradient(supervised),
         "typo/sample_nll": jax.lax.stop_gradient(nll),
     }

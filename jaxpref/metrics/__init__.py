@@ -5,7 +5,8 @@
   R* / R̃*, alignment gap (Chen et al. 2024, §2-3);
 * :mod:`~jaxpref.metrics.ches` -- CHES / LN-CHES and baselines, subset selection (Razin et al. 2025);
 * :mod:`~jaxpref.metrics.displacement` -- likelihood displacement, max drop, token risers (Razin et al. 2025);
-* :mod:`~jaxpref.metrics.win_rate` -- (h-)win rate with a declared tie rule, position swaps, bootstrap CI.
+* :mod:`~jaxpref.metrics.win_rate` -- (h-)win rate with a declared tie rule, position swaps, bootstrap CI;
+* :mod:`~jaxpref.metrics.correlation` -- Spearman (average ranks) and Pearson, host-side, used everywhere.
 
 Dataset-level values are returned as :class:`Tally` (sum and count) so batches add up on the host.
 """
@@ -21,6 +22,7 @@ from jaxpref.metrics.ches import (
     normalized_edit_distances,
     quantile_window,
 )
+from jaxpref.metrics.correlation import average_ranks, pearson, spearman
 from jaxpref.metrics.difficulty import (
     FLIP_CATEGORIES,
     Difficulty,
@@ -29,7 +31,6 @@ from jaxpref.metrics.difficulty import (
     flip_categories,
     flip_categories_from_logps,
     flip_threshold,
-    ranking_correct,
     reference_log_ratio,
     reward_accuracy,
 )
@@ -58,10 +59,12 @@ from jaxpref.metrics.ranking import (
     idealized_correct,
     idealized_ranking_accuracy,
     length_normalized,
-    pair_correct,
     ranking_accuracy,
     ranking_accuracy_with_ties,
+    ranking_correct,
     tally,
+    tie_correct,
+    tie_rule_scores,
     tie_scale_scores,
     ties_rule_correct,
 )
@@ -86,14 +89,16 @@ __all__ = [
     "flip_categories",
     "flip_categories_from_logps",
     "flip_threshold",
-    "ranking_correct",
     "reference_log_ratio",
     "reward_accuracy",
     # ranking (Chen §2-3)
     "ALPHA_EPS", "DEFAULT_BETAS", "TIE_EPS", "TIE_SCALES", "RankingTallies", "Tally", "alignment_gap",
     "alpha_logit", "beta_summary", "clip_alpha", "competition_ranks", "exact_match_ranking", "idealized_correct",
-    "idealized_ranking_accuracy", "length_normalized", "pair_correct", "ranking_accuracy",
-    "ranking_accuracy_with_ties", "tally", "tie_scale_scores", "ties_rule_correct",
+    "idealized_ranking_accuracy", "length_normalized", "ranking_accuracy",
+    "ranking_accuracy_with_ties", "ranking_correct", "tally", "tie_correct", "tie_rule_scores", "tie_scale_scores",
+    "ties_rule_correct",
+    # correlation (host-side, average ranks)
+    "average_ranks", "pearson", "spearman",
     # CHES (Razin §5-6)
     "ChesScores", "ches_scores", "edit_distance", "last_hidden_inner_product", "lowest_fraction", "lowest_k",
     "normalized_edit_distance", "normalized_edit_distances", "quantile_window",

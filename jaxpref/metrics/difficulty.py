@@ -25,6 +25,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxpref.metrics.ranking import ranking_correct
+
 BatchArray = Annotated[jax.Array, "[B] float32"]
 BoolBatch = Annotated[jax.Array, "[B] bool"]
 Scalar = Annotated[jax.Array, "[] float32"]
@@ -50,11 +52,6 @@ def reference_log_ratio(reference_chosen_logps: BatchArray, reference_rejected_l
 def flip_threshold(ref_log_ratio: BatchArray, beta: float) -> BatchArray:
     """``[B]`` τ = softplus(−β·c): the DPO loss at which the pair's ranking flips (Chen Thm 4.1)."""
     return jax.nn.softplus(-beta * ref_log_ratio)
-
-
-def ranking_correct(chosen_logps: BatchArray, rejected_logps: BatchArray, *, ties_correct: bool = True) -> BoolBatch:
-    """``[B]`` bool, π(y_w) ≥ π(y_l) (Chen Def. 2.3); ``ties_correct=False`` uses > (released code)."""
-    return chosen_logps >= rejected_logps if ties_correct else chosen_logps > rejected_logps
 
 
 def reward_accuracy(

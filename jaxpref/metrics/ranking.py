@@ -12,9 +12,11 @@ Conventions (papers.md §1.3-1.5, papers-addendum.md):
   (equal scores give ranks ``[1, 1]``, counted wrong).
 * **Length-normalised R̃** (eq. 15): the same on mean per-token log-probs ``sums / counts``.
 * **Ties in the human labels** (Def. C.1, ε = 0.01): α = 0.5 is correct iff ``|s_1 − s_2| < ε``;
-  α > 0.5 iff ``s_1 > s_2``; α < 0.5 iff ``s_1 < s_2`` (strict). The **scale** of ``s`` matters for ε; the
-  released code uses summed log-probs (unnormalised) and the geometric-mean probability
-  ``exp(mean log-prob)`` = 1/perplexity (normalised); :func:`tie_scale_scores` builds either.
+  α > 0.5 iff ``s_1 > s_2``; α < 0.5 iff ``s_1 < s_2`` (strict). The **scale** of ``s`` matters for ε.
+  One rule on one scale per pair of metrics (:func:`tie_rule_scores`), the scales of the released code
+  (papers.md §1.3): **R and R*** compare summed log-probs; **R̃ and R̃*** compare the geometric-mean
+  probability ``exp(mean log-prob)`` = 1/perplexity, i.e. Def. C.1's ``|π̃(y_1) − π̃(y_2)| < ε`` with eq.
+  15's π̃. :func:`tie_scale_scores` builds these and the other scales.
 * **n > 2 responses** (App. A.6): exact match of the full rank vectors, ranks as
   ``n + 1 − scipy.stats.rankdata(scores, method="max")`` (rank 1 = best, tied scores share the best
   rank of their group), i.e. ``1 + #{j : s_j > s_i}``. Rows holding a NaN score are dropped (the code's
@@ -23,8 +25,11 @@ Conventions (papers.md §1.3-1.5, papers-addendum.md):
   ``1[Δ_ref + logit(α)/β > 0]`` with ``Δ_ref = log π_ref(y_w) − log π_ref(y_l)`` (sums for R*, means
   for R̃*) and α the share of raters preferring ``y_w``, clipped to ``[ε, 1 − ε]``, ε = 1e-3
   (``logit(1 − 1e-3) = ln 999 = 6.9068``). For α < 0.5 (majority prefers ``y_2``) correct means the
-  optimum ranks ``y_2`` first. Ties (α = 0.5) are excluded by default; when included they use the
-  Def. C.1 tie rule on Δ_ref (the optimum keeps the reference's ratio). Reported per β over
+  optimum ranks ``y_2`` first. Ties (α = 0.5) are excluded by default; when included they use the same
+  Def. C.1 rule as R / R̃ on the reference's scores (at α = 0.5 the optimum keeps the reference's ratio,
+  ``logit(α) = 0``): ``|Δ_ref| < ε`` for R*, ``|exp(m_ref,1) − exp(m_ref,2)| < ε`` on the per-token means
+  for R̃*. (At a tie the optimum is π_ref times a per-prompt factor; a log-prob difference does not see it,
+  the probability scale of R̃* does, which takes the factor as 1.) Reported per β over
   :data:`DEFAULT_BETAS` with min / median / max (:func:`beta_summary`).
 * **Alignment gap** (§3.3): ``100 · (median_β R* − R)`` in percentage points.
 """
@@ -95,9 +100,9 @@ def length_normalized(sums: BatchArray, counts: BatchArray) -> BatchArray:
 # ------------------------------------------------------------------------------------ R and R̃
 
 
-@functools.partial(jax.jit, static_argnames=("ties_correct",))
-def pair_correct(chosen_scores: BatchArray, rejected_scores: BatchArray, *, ties_correct: bool = True) -> jax.Array:
-    """``[B]`` bool ``s_w ≥ s_l`` (Def. 2.3); ``ties_correct=False``: ``s_w > s_l`` (released code)."""
+def ranking_correct(chosen_scores: BatchArray, rejected_scores: BatchArray, *, ties_correct: bool = True) -> jax.Array:
+    """``[B]`` bool ``π(y_w) ≥ π(y_l)`` on any monotone score (Chen Def. 2.3): summed log-probs for R, per-token
+    means for R̃; ``ties_correct=False`` uses ``>`` (the released code counts equal scores wrong)."""
     return chosen_scores >= rejected_scores if ties_correct else chosen_scores > rejected_scores
 
 
@@ -128,9 +133,9 @@ def ranking_accuracy(
     ties_correct: bool = True,
 ) -> RankingTallies:
     """R and R̃ tallies (Chen Def. 2.3, eq. 15) from summed log-probs and response token counts."""
-    r = pair_correct(chosen_sums, rejected_sums, ties_correct=ties_correct)
-    rn = pair_correct(length_normalized(chosen_sums, chosen_counts), length_normalized(rejected_sums, rejected_counts),
-                      ties_correct=ties_correct)
+    r = ranking_correct(chosen_sums, rejected_sums, ties_correct=ties_correct)
+    rn = ranking_correct(length_normalized(chosen_sums, chosen_counts),
+                         length_normalized(rejected_sums, rejected_counts), ties_correct=ties_correct)
     return RankingTallies(tally(r, mask), tally(rn, mask))
 
 
@@ -156,6 +161,21 @@ def tie_scale_scores(sums: BatchArray, counts: BatchArray, scale: str = "logprob
     raise ValueError(f"scale must be one of {TIE_SCALES}, got {scale!r}")
 
 
+def tie_rule_scores(logps: BatchArray, *, normalized: bool) -> BatchArray:
+    """The scores Def. C.1's ε is applied to, shared by R / R* and by R̃ / R̃* (the released code's scales).
+
+    ``logps``: summed response log-probs (``normalized=False``, R and R*: returned as they are) or per-token
+    mean log-probs (``normalized=True``, R̃ and R̃*: returned as ``exp(logps)``, the geometric-mean probability
+    π̃ of eq. 15 = 1/perplexity).
+    """
+    return jnp.exp(logps) if normalized else logps
+
+
+def tie_correct(scores_1: BatchArray, scores_2: BatchArray, eps: float = TIE_EPS) -> jax.Array:
+    """``[B]`` bool, Chen Def. C.1 for a tie in the labels (α = 0.5): ``|s_1 − s_2| < ε``."""
+    return jnp.abs(scores_1 - scores_2) < eps
+
+
 @jax.jit
 def ties_rule_correct(scores_1: BatchArray, scores_2: BatchArray, alpha: BatchArray, eps: float = TIE_EPS
                       ) -> jax.Array:
@@ -165,7 +185,7 @@ def ties_rule_correct(scores_1: BatchArray, scores_2: BatchArray, alpha: BatchAr
     chosen: α ≥ 0.5, ties have α = 0.5).
     """
     alpha = jnp.asarray(alpha, jnp.float32)
-    return jnp.where(alpha == 0.5, jnp.abs(scores_1 - scores_2) < eps,
+    return jnp.where(alpha == 0.5, tie_correct(scores_1, scores_2, eps),
                      jnp.where(alpha > 0.5, scores_1 > scores_2, scores_1 < scores_2))
 
 
@@ -216,24 +236,29 @@ def alpha_logit(alpha: jax.Array, eps: float = ALPHA_EPS) -> jax.Array:
     return jnp.log(a) - jnp.log1p(-a)
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("normalized",))
 def idealized_correct(ref_scores_1: BatchArray, ref_scores_2: BatchArray, alpha: BatchArray,
-                      betas: jax.Array, eps: float = ALPHA_EPS, tie_eps: float = TIE_EPS) -> jax.Array:
+                      betas: jax.Array, eps: float = ALPHA_EPS, tie_eps: float = TIE_EPS, *,
+                      normalized: bool = False) -> jax.Array:
     """``[nβ, B]`` bool: does the RLHF/DPO optimum from π_ref rank the pair like the raters? (Cor. 3.3)
 
-    The optimum's log-ratio is ``d = Δ_ref + logit(α)/β`` with ``Δ_ref = s_1 − s_2`` (summed reference
-    log-probs for R*, means for R̃*). Correct: ``d > 0`` when α > 0.5, ``d < 0`` when α < 0.5, and for a
-    tie (α = 0.5, d = Δ_ref) ``|Δ_ref| < tie_eps`` (Def. C.1 on the log-prob scale).
+    The optimum's log-ratio is ``d = Δ_ref + logit(α)/β`` with ``Δ_ref = s_1 − s_2``: summed reference
+    log-probs for R* (``normalized=False``), per-token means for R̃* (``normalized=True``). Correct: ``d > 0``
+    when α > 0.5, ``d < 0`` when α < 0.5. A tie (α = 0.5, d = Δ_ref: the optimum keeps the reference's
+    ratio) uses the Def. C.1 rule of R / R̃ on the same scale (:func:`tie_rule_scores`): ``|Δ_ref| < tie_eps``
+    for R*, ``|exp(s_1) − exp(s_2)| < tie_eps`` for R̃*.
     """
     betas = jnp.atleast_1d(jnp.asarray(betas, jnp.float32))[:, None]  # [nβ, 1]
     alpha = jnp.asarray(alpha, jnp.float32)
     delta = ref_scores_1 - ref_scores_2
     d = delta[None, :] + alpha_logit(alpha, eps)[None, :] / betas
-    tie = jnp.broadcast_to(jnp.abs(delta) < tie_eps, d.shape)
+    tie = tie_correct(tie_rule_scores(ref_scores_1, normalized=normalized),
+                      tie_rule_scores(ref_scores_2, normalized=normalized), tie_eps)
+    tie = jnp.broadcast_to(tie, d.shape)
     return jnp.where(alpha == 0.5, tie, jnp.where(alpha > 0.5, d > 0, d < 0))
 
 
-@functools.partial(jax.jit, static_argnames=("include_ties",))
+@functools.partial(jax.jit, static_argnames=("include_ties", "normalized"))
 def idealized_ranking_accuracy(
     ref_scores_1: BatchArray,
     ref_scores_2: BatchArray,
@@ -242,15 +267,18 @@ def idealized_ranking_accuracy(
     mask: jax.Array | None = None,
     *,
     include_ties: bool = False,
+    normalized: bool = False,
     eps: float = ALPHA_EPS,
     tie_eps: float = TIE_EPS,
 ) -> Tally:
-    """``[nβ]`` tally of :func:`idealized_correct` (R* from sums, R̃* from means); ties excluded by default.
+    """``[nβ]`` tally of :func:`idealized_correct`: R* from sums, R̃* from per-token means with
+    ``normalized=True`` (which matters only for the tie rule); ties excluded by default.
 
     ``betas`` defaults to :data:`DEFAULT_BETAS`.
     """
     betas = jnp.asarray(DEFAULT_BETAS if betas is None else betas, jnp.float32)
-    correct = idealized_correct(ref_scores_1, ref_scores_2, alpha, betas, eps, tie_eps)  # [nβ, B]
+    correct = idealized_correct(ref_scores_1, ref_scores_2, alpha, betas, eps, tie_eps,
+                                normalized=normalized)  # [nβ, B]
     keep = _keep(mask, ref_scores_1)
     if not include_ties:
         keep = keep & (jnp.asarray(alpha) != 0.5)
