@@ -77,11 +77,9 @@ def main(argv=None) -> dict:
 
     from eval.crosscheck import load_torch_model
     from jaxpref import evaluation as ev
-    from jaxpref.loading import packaged_gguf
 
     load_before = _common.load_avg()
-    gguf = packaged_gguf("smollm2-135m-instruct")
-    loaded, tok = ev.load_model_and_tokenizer(f"gguf:{gguf}")
+    loaded, tok = ev.load_model_and_tokenizer("gguf:smollm2-135m-instruct")
     pairs = load_pairs(tok, pathlib.Path(args.data), args.start, args.pairs, args.max_length)
     results = {}
     layouts = [("packed", True)] + ([("padded", False)] if args.padded else [])
@@ -90,7 +88,7 @@ def main(argv=None) -> dict:
         results[f"jaxpref_{name}"] = scores.stats.to_json()
         results[f"jaxpref_{name}"]["sums"] = scores.sums
     if not args.no_torch:
-        model, _ = load_torch_model(f"gguf:{gguf}")
+        model, _ = load_torch_model("gguf:smollm2-135m-instruct")
         torch_sums, seconds = torch_loop(model, pairs)
         real = int(pairs.lengths().sum())
         results["torch_per_sequence"] = {"wall_s": round(seconds, 3), "tokens_per_s": round(real / seconds, 1),

@@ -91,6 +91,7 @@ def main(argv=None) -> dict:
         "edit_distance": ev.describe(edit),
         "fraction_ches_positive": float(np.mean(ches > 0)),
         "spearman": correlations(ches, ln_ches, last_ip, edit),
+        "scoring": scores.stats.to_json(),
     }
     if args.window:
         k = min(args.window, len(rows))

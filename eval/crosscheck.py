@@ -45,9 +45,12 @@ def load_torch_model(spec: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from jaxpref.loading import gguf_path
+
     kind, _, path = spec.partition(":")
     p = pathlib.Path(path)
     if kind == "gguf":
+        p = gguf_path(path)  # a file, or a packaged name such as smollm2-135m-instruct
         kw = {"gguf_file": p.name}
         where = str(p.parent)
     elif kind == "hf":

@@ -78,13 +78,16 @@ def main(argv=None) -> dict:
             steps = sorted(set(args.steps))
         init = load_model(cfg.model.source, overrides=cfg.model.overrides, seed=cfg.train.seed,
                           dtype=cfg.model.compute_dtype, param_dtype=cfg.model.param_dtype)
-        logps = {0: ev.score_pairs(init.model, data.pairs, desc="step 0", **kw).sums}
+        scored = {0: ev.score_pairs(init.model, data.pairs, desc="step 0", **kw)}
         del init
-        ref = logps[0]
+        ref = scored[0].sums
         if cfg.reference.source:
-            ref = ev.score_pairs(load_model(cfg.reference.source).model, data.pairs, desc="reference", **kw).sums
+            scored["reference"] = ev.score_pairs(load_model(cfg.reference.source).model, data.pairs,
+                                                 desc="reference", **kw)
+            ref = scored["reference"].sums
         for s in steps:
-            logps[s] = ev.score_pairs(load_model(f"run:{run}@{s}").model, data.pairs, desc=f"step {s}", **kw).sums
+            scored[s] = ev.score_pairs(load_model(f"run:{run}@{s}").model, data.pairs, desc=f"step {s}", **kw)
+        logps = {k: v.sums for k, v in scored.items() if k != "reference"}
     except common.expected_errors() as err:
         common.fail(err)
 
@@ -115,7 +118,8 @@ def main(argv=None) -> dict:
                "likelihood_displacement": displaced,
                "final": {"step": last["step"], "chosen_change_mean": last["chosen_change_mean"],
                          "fraction_chosen_displaced": last["fraction_chosen_displaced"],
-                         "dpo_loss_change": last["dpo_loss_mean"] - first["dpo_loss_mean"]}}
+                         "dpo_loss_change": last["dpo_loss_mean"] - first["dpo_loss_mean"]},
+               "scoring": {str(k): v.stats.to_json() for k, v in scored.items()}}
     ev.write_json(out / "displacement.json", summary)
     ev.write_jsonl(out / "per_example.jsonl", [
         {"id": rid, "row": int(data.pairs.row[i]),

@@ -212,7 +212,9 @@ def main(argv=None) -> dict:
                             betas=args.betas, beta=args.beta, ties_correct=not args.strict_ties,
                             include_ties=args.include_ties, fallback_alpha=args.fallback_alpha)
     summary = {"model": args.model, "reference": args.reference, "data": str(args.data),
-               "rows_rejected": len(data.rejects), **summary}
+               "rows_rejected": len(data.rejects), **summary,
+               "scoring": {"model": scores.stats.to_json(),
+                           **({"reference": ref_scores.stats.to_json()} if ref_scores is not None else {})}}
     ev.write_json(out / "ranking.json", summary)
     rows = []
     for i, rid in enumerate(data.pairs.ids):

@@ -46,7 +46,7 @@ def smollm_path() -> pathlib.Path:
 def test_smollm2_gguf_matches_transformers_on_hh_pairs(smollm_path, shared_data, tmp_path):
     pytest.importorskip("torch")
     data = shared_data / "hh_rlhf_helpful_base_test_2k.jsonl"
-    summary = crosscheck.main(["--model", f"gguf:{smollm_path}", "--data", str(data), "--limit", "4",
+    summary = crosscheck.main(["--model", "gguf:smollm2-135m-instruct", "--data", str(data), "--limit", "4",
                                "--max-length", "192", "--out", str(tmp_path), "--no-progress"])
     assert summary["n_pairs"] == 4
     assert summary["passed"]

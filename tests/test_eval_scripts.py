@@ -82,6 +82,10 @@ def test_ranking_on_hf_directory_without_reference_reports_r_only(hf_dir, hh, ou
     assert np.mean([r["chosen_logp"] >= r["rejected_logp"] for r in rows]) == pytest.approx(saved["ranking_accuracy"])
     assert (out / "rank_hf" / "margins.png").stat().st_size > 0
     assert not (out / "rank_hf" / "idealized.png").exists()
+    scoring = saved["scoring"]["model"]  # compile accounting and throughput, from the packed scorer
+    assert scoring["layout"] == "packed" and len(scoring["shapes"]) <= 2
+    assert scoring["real_tokens"] > sum(r["chosen_tokens"] + r["rejected_tokens"] for r in rows)  # + prompts
+    assert 0 < scoring["real_token_fraction"] <= 1 and scoring["compile_s"] <= scoring["wall_s"]
 
 
 def test_ranking_on_run_checkpoint_with_votes_and_reference(run_dir, hf_dir, pandalm, out):
@@ -90,6 +94,7 @@ def test_ranking_on_run_checkpoint_with_votes_and_reference(run_dir, hf_dir, pan
     summary = ranking.main(["--model", f"run:{run_dir}", "--reference", f"hf:{hf_dir}", "--data", str(pandalm),
                             "--out", str(out / "rank_run"), *DATA])
     assert summary["idealized"]["alpha_source"] == "votes" and "needs_reference" not in summary
+    assert set(summary["scoring"]) == {"model", "reference"}
     assert set(summary["idealized"]["R_star"]) == {"min", "median", "max"}
     assert summary["idealized"]["betas"] == [0.01, 0.1, 1.0, 5.0, 10.0]
     assert summary["alignment_gap"] == pytest.approx(100 * (summary["idealized"]["R_star"]["median"]
@@ -124,6 +129,7 @@ def test_ches_on_hf_directory_and_filtering(hf_dir, hh, out):
     assert len(summary["windows"]["by_quantile"]["0.5"]) == 4
     assert (out / "ches_hf" / "ches.png").stat().st_size > 0
     assert json.loads((out / "ches_hf" / "summary.json").read_text())["n_pairs"] == 16
+    assert summary["scoring"]["layout"] == "padded"  # hidden-state sums need the [2B, T] layout
 
 
 def test_ches_on_run_checkpoint(run_dir, pandalm, out):
@@ -139,6 +145,7 @@ def test_displacement_over_checkpoints(run_dir, out):
 
     summary = displacement.main(["--run", str(run_dir), "--out", str(out / "disp"), "--no-progress"])
     assert summary["steps"] == [0, 1, 2] and summary["n_pairs"] == 16 and summary["beta"] == 0.1
+    assert set(summary["scoring"]) == {"0", "1", "2"}
     first = summary["per_step"][0]
     assert first["dpo_loss_mean"] == pytest.approx(math.log(2), abs=1e-5)  # step 0 is the reference
     assert first["chosen_change_mean"] == 0.0 and first["flip_categories"]["correct->incorrect"] == 0.0
