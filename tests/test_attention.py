@@ -209,27 +209,16 @@ def test_model_logits_blocked_equal_xla(name, monkeypatch):
 
 
 def _dpo_step_temp_bytes(attention: str, t: int) -> int:
-    """Compiled temp memory of the real preference (DPO, precomputed reference) train step; compile only."""
-    from jaxpref import losses
-    from jaxpref.config import OptimConfig
-    from jaxpref.models.registry import abstract_model
-    from jaxpref.training import optim
-    from jaxpref.training import step as S
-    from jaxpref.types import PairBatch
+    """Compiled temp memory of the real preference (DPO, precomputed reference) train step; compile only
+    (the benchmark's own function, ``bench/attention_cpu.py``, so test and benchmark measure the same step)."""
+    import importlib.util
+    import pathlib
 
-    cfg = presets.tiny_llama(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1,
-                             head_dim=16, max_position_embeddings=t, attention=attention)
-    graphdef, params, rest = S.split_model(abstract_model(cfg))
-    opt = optim.make_optimizer(OptimConfig(name="sgd", lr=1.0, clip_norm=None), 10)[0]
-    state = jax.eval_shape(lambda p: S.init_state(p, opt, 0), params)
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-    batch = PairBatch(i32(1, 2, t), i32(1, 2, t), i32(1, 2, t), i32(1, 2, t), jax.ShapeDtypeStruct((1,), bool),
-                      jax.ShapeDtypeStruct((1,), jnp.float32), i32(1))
-    ref = jax.ShapeDtypeStruct((1, 2), jnp.float32)
-    step = S.make_preference_step(graphdef, rest, opt, losses.compose(["sigmoid"]), reference="precomputed",
-                                  seq_chunk=512, vocab_chunk=128)
-    compiled = jax.jit(step).lower(state, None, batch, ref).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "attention_cpu.py"
+    spec = importlib.util.spec_from_file_location("attention_cpu_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dpo_step_temp_bytes(attention, t)
 
 
 def test_blocked_train_step_temp_memory_at_8k_is_under_an_eighth_of_xla():
