@@ -2,7 +2,7 @@
 
 The commands are read from the README's code block itself (so the README and this test cannot diverge),
 run as subprocesses in a scratch directory laid out like the repository (``configs/`` and
-``../shared/data``), with only size-limiting arguments appended: 2 steps of 2 pairs at 64 tokens, 4
+``../shared/data``), with only size-limiting arguments appended: 1 step of 2 pairs at 64 tokens, 4
 evaluation pairs. The ``pip install`` line is not run (no network): it must be the pinned package, and
 that package must be installed (the test extras' README command installs it).
 """
@@ -21,7 +21,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTION = "## From the demo to a real model"
-TRAIN_LIMITS = ["train.steps=2", "train.batch_size=2", "data.limit=8", "data.max_length=64", "data.buckets=[64]",
+TRAIN_LIMITS = ["train.steps=1", "train.batch_size=2", "data.limit=8", "data.max_length=64", "data.buckets=[64]",
                 "reference.batch_size=8"]
 EVAL_LIMITS = ["--limit", "4", "--max-length", "64", "--batch-size", "4", "--no-progress"]
 
@@ -68,7 +68,7 @@ def test_readme_real_model_commands_run(tmp_path, shared_data, subprocess_env):
         assert "Traceback" not in proc.stderr
     for run in ("smollm2_dpo", "smollm2_rpo"):
         summary = json.loads((work / "runs" / run / "summary.json").read_text())
-        assert summary["steps"] == 2 and summary["data"]["rows_kept"] == 8
+        assert summary["steps"] == 1 and summary["data"]["rows_kept"] == 8
         meta = json.loads((work / "runs" / run / "model.json").read_text())
         assert meta["hf_config"]["vocab_size"] == 49152 and meta["tokenizer"] == "gguf:smollm2-135m-instruct"
     rpo = json.loads((work / "runs" / "smollm2_rpo" / "summary.json").read_text())
