@@ -93,8 +93,22 @@ def eight_devices() -> list:
     return jax.devices()[:8]
 
 
+# The longest test files (seconds on the 2-core CI machine, from ``--durations``), started first so the
+# two xdist workers do not end with one long file running alone; the rest keep their collection order.
+LONGEST_FILES = ("test_readme_commands.py", "test_repro_razin.py", "test_gguf_io.py", "test_wro.py",
+                 "test_crosscheck.py", "test_demo.py", "test_repro_chen_liu.py", "test_reliability.py",
+                 "test_sweep.py")
+
+
+def _file_rank(item) -> int:
+    name = item.path.name
+    return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skips ``gpu``-marked tests, with a reason, unless JAX's default backend is an accelerator."""
+    """Longest files first (stable, so tests of a file keep their order); skips ``gpu``-marked tests, with
+    a reason, unless JAX's default backend is an accelerator."""
+    items.sort(key=_file_rank)
     gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu:
         return  # no JAX import (or backend start) for suites without gpu tests
