@@ -181,7 +181,7 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
                             place=lambda batch: parallel.shard_batch(batch, mesh))
     state, last = result.state, result.last
     summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
-               "skipped_updates": int(state.skipped), "seconds": result.seconds}
+               "skipped_updates": int(state.skipped), "seconds": result.seconds, **result.timing()}
     if cfg.data.eval:
         summary["eval"] = _evaluate(cfg, nnx.merge(graphdef, state.params, rest), tokenizer, mesh)
     if jax.process_index() == 0:

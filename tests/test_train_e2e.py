@@ -72,6 +72,10 @@ def test_run_directory_has_everything(sft_then_dpo):
     assert steps == [3, 6]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["final_metrics"]["step"] == 6
+    # time to the first step and the loop's compilations (loaded from the run-wide test cache, or compiled)
+    assert 0 < summary["time_to_first_step_s"] <= summary["seconds"]
+    assert summary["compiles"] + summary["cache_loads"] >= 1 and 0 < summary["compile_s"] < summary["seconds"]
+    assert summary["steady_tokens_per_s"] >= summary["tokens_per_s"]
     assert load_config(RunConfig, run / "config.yaml").train.micro_batches == 2  # resolved config reloads
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpref import losses, parallel
+from jaxpref.compile_cache import CompileWatch
 from jaxpref.config import ConfigError, RunConfig, save_config, to_dict
 from jaxpref.data import formats as data_formats
 from jaxpref.data import iterator as data_iterator
@@ -305,7 +306,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     tokens_total = result.tokens
     summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
                "skipped_updates": int(state.skipped), "seconds": elapsed,
-               "tokens_per_s": tokens_total / max(elapsed, 1e-9),
+               "tokens_per_s": tokens_total / max(elapsed, 1e-9), **result.timing(),
                "reference_logps": None if ref_cache is None else
                {"cache": str(ref_cache.path), "computed": ref_cache.computed},
                "reference_samples": None if samples is None else samples.summary()}
@@ -393,12 +394,24 @@ def per_shape(build: Callable[[Any], Callable]) -> Callable[[Any], Callable]:
 
 @dataclasses.dataclass
 class LoopResult:
-    """What :func:`run_steps` hands back: final state, last logged metrics, tokens seen, wall seconds."""
+    """What :func:`run_steps` hands back: final state, last logged metrics, tokens seen, wall seconds, and
+    the time to the first step's metrics and what the loop compiled (:class:`jaxpref.compile_cache.CompileWatch`)."""
 
     state: Any
     last: dict[str, Any]
     tokens: float
     seconds: float
+    first_step_s: float | None = None
+    compiles: int = 0
+    cache_loads: int = 0
+    compile_s: float = 0.0
+
+    def timing(self) -> dict[str, Any]:
+        """The ``summary.json`` timing record: compile time apart from steady-state throughput."""
+        steady = max(self.seconds - self.compile_s, 1e-9)
+        return {"time_to_first_step_s": self.first_step_s, "compiles": self.compiles,
+                "cache_loads": self.cache_loads, "compile_s": self.compile_s,
+                "steady_tokens_per_s": self.tokens / steady}
 
 
 def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer, call, steps: int, start: int,
@@ -425,12 +438,15 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
     pending = AsyncMetrics()
     last: dict[str, Any] = {}
     tokens_total, t_start = 0.0, time.perf_counter()
+    first_step_s = None
 
     def record(item):
-        nonlocal last, tokens_total
+        nonlocal last, tokens_total, first_step_s
         if item is None:
             return
         s, host, dt = item
+        if first_step_s is None:  # the first step's metrics are on the host: it ran, compile included
+            first_step_s = time.perf_counter() - t_start
         tokens_total += float(host["tokens"])
         host = {**host, "lr": float(schedule(s - 1)), "tokens_per_s": float(host["tokens"]) / max(dt, 1e-9)}
         if host.get("nonfinite") and cfg.train.nan_policy == "stop":
@@ -451,6 +467,7 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
     kill_at = int(os.environ.get("JAXPREF_FAULT_KILL_AT_STEP", "0"))
     kill_after_save = int(os.environ.get("JAXPREF_FAULT_KILL_AFTER_SAVE_STEP", "0"))
     feed = Prefetcher(it, place, depth=cfg.train.prefetch) if start < steps else None
+    watch = CompileWatch().__enter__()
     try:
         for s in range(start + 1, steps + 1):
             if s == kill_at:
@@ -476,6 +493,7 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
         record(pending.flush())
         checkpointer.wait()
     finally:
+        watch.__exit__()
         if feed is not None:
             feed.close()
         bar.close()
@@ -485,7 +503,8 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("jaxpref:end_of_training")
-    return LoopResult(state, last, tokens_total, time.perf_counter() - t_start)
+    return LoopResult(state, last, tokens_total, time.perf_counter() - t_start, first_step_s, watch.compiles,
+                      watch.cache_loads, watch.seconds)
 
 
 def _positions(data, rows: np.ndarray) -> np.ndarray:

@@ -555,6 +555,6 @@ def run_wro(cfg: RunConfig, *, resume: bool = False, judge: TokenJudge | None = 
     summary = {"steps": steps, "resumed_from": start, "final_metrics": result.last,
                "prompts": {"source": cfg.wro.prompts, "kept": len(table), "rejected": table.n_rejected},
                "skipped_updates": int(result.state.skipped), "seconds": result.seconds,
-               "tokens_per_s": result.tokens / max(result.seconds, 1e-9)}
+               "tokens_per_s": result.tokens / max(result.seconds, 1e-9), **result.timing()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
