@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from jaxpref import compile_cache
 from jaxpref.data.tokenize import TokenizeConfig
 
 
@@ -43,11 +41,10 @@ def tokenize_config(args, base: TokenizeConfig | None = None) -> TokenizeConfig:
 
 
 def setup_logging() -> None:
-    """Logging for the eval scripts, and the persistent compilation cache (``jaxpref.compile_cache``)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jaxpref").setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    compile_cache.enable()
+    """Logging and the persistent compilation cache: :func:`jaxpref.cli.setup_runtime`."""
+    from jaxpref import cli
+
+    cli.setup_runtime()
 
 
 def expected_errors() -> tuple[type[Exception], ...]:

@@ -21,12 +21,18 @@ def run_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse_run_config(argv, description: str, schema=RunConfig):
-    args = run_parser(description).parse_args(argv)
+def setup_runtime() -> None:
+    """What every script does first: logging (jaxpref at INFO, absl at WARNING) and the persistent
+    compilation cache (:mod:`jaxpref.compile_cache`), before anything compiles."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxpref").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
     compile_cache.enable()
+
+
+def parse_run_config(argv, description: str, schema=RunConfig):
+    args = run_parser(description).parse_args(argv)
+    setup_runtime()
     try:
         return load_config(schema, args.config, args.overrides), args
     except ConfigError as err:
