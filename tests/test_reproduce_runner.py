@@ -125,3 +125,23 @@ def test_committed_results_are_of_the_current_configs_and_code():
             assert png.stat().st_size < 400_000, png  # committed plots stay small
         results = json.loads((path.parent / "results.json").read_text())
         assert results["seeds"] == s["seeds"], path
+
+
+def test_table_command_rewrites_only_the_readme_table(tmp_path, capsys):
+    """``python -m train.reproduce --table --out DIR --readme FILE`` (the README's command) on a copy of the
+    committed results and a README whose table is stale: the table is replaced, the rest of the file kept."""
+    import shutil
+
+    from train import reproduce
+
+    out = tmp_path / "reproductions"
+    shutil.copytree(RESULTS, out, ignore=shutil.ignore_patterns("*.png", "results.json"))
+    (out / "summary.md").unlink()
+    readme = tmp_path / "README.md"
+    text = (REPO / "README.md").read_text()
+    stale = text.split(BEGIN)[0] + BEGIN + "\n| stale |\n" + END + text.split(END)[1]
+    readme.write_text(stale)
+    assert reproduce.main(["--table", "--out", str(out), "--readme", str(readme)]) == []
+    assert readme.read_text() == text
+    assert (out / "summary.md").read_text() == (RESULTS / "summary.md").read_text()
+    assert runner.summary_table(RESULTS, write=False).strip() in capsys.readouterr().out
