@@ -23,6 +23,15 @@ def llama3_8b(**kw) -> ModelConfig:
         max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001, **kw)
 
 
+def llama3_2_1b(**kw) -> ModelConfig:
+    """Llama-3.2-1B (1,235,814,400 parameters; tied, GQA 32/8, llama3 RoPE scaling factor 32)."""
+    scaling = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    return ModelConfig(
+        Family.LLAMA, vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+        num_kv_heads=8, head_dim=64, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=scaling,
+        tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001, **kw)
+
+
 def mistral_7b(**kw) -> ModelConfig:
     """Mistral-7B-v0.1 (7,241,732,096 parameters; sliding window 4096)."""
     return ModelConfig(
@@ -139,7 +148,7 @@ def tiny_gpt_neox(**kw) -> ModelConfig:
 
 
 PRESETS: dict[str, Callable[..., ModelConfig]] = {
-    f.__name__: f for f in (llama3_8b, mistral_7b, qwen2_0_5b, smollm2_135m, gemma_2b, gpt2_small, pythia_160m,
+    f.__name__: f for f in (llama3_8b, llama3_2_1b, mistral_7b, qwen2_0_5b, smollm2_135m, gemma_2b, gpt2_small, pythia_160m,
                             stories260k, tiny_llama, tiny_llama3, tiny_smollm2, tiny_mistral, tiny_qwen2,
                             tiny_qwen2_tied, tiny_gemma, tiny_gpt2, tiny_gpt_neox)
 }
