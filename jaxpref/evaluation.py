@@ -245,7 +245,7 @@ def _score_batch(graphdef, params, rest, batch: PairBatch, *, with_hidden: bool,
     flat = lambda x: x.reshape(b * two, t)
     model = nnx.merge(graphdef, params, rest)
     ids, mask = flat(batch.input_ids), flat(batch.loss_mask)
-    hidden = model(ids, positions=flat(batch.positions), segment_ids=flat(batch.segment_ids)).hidden
+    hidden = model(ids, positions=flat(batch.positions), segment_ids=flat(batch.segment_ids), right_padded=True).hidden
     matrix, layout = model.unembedding()
     lp = logprobs.sequence_logprobs(hidden, matrix, ids, mask, layout=layout, seq_chunk=seq_chunk,
                                     vocab_chunk=vocab_chunk)

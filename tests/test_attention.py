@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxpref.config import ConfigError, RunConfig, load_config
 from jaxpref.models import presets
-from jaxpref.models.attention import MaskSpec, attend, blocked, resolve, select, xla
+from jaxpref.models.attention import MaskSpec, attend, blocked, cudnn, pallas_gpu, resolve, select, xla
 from jaxpref.models.attention.xla import dense_mask
 from jaxpref.models.transformer import segment_positions
 from jaxpref.testing.models import fast_compile, random_model
@@ -262,12 +262,109 @@ def test_attend_matches_backends_through_the_interface():
         attend(q, k, v, _self_spec(np.ones((1, 11), np.int32)), "xla")
 
 
-@pytest.mark.parametrize("name", ["splash", "cudnn", "pallas_gpu"])
-def test_unavailable_backend_is_a_config_error_before_compiling(name):
+@pytest.mark.parametrize("name, why", [("splash", "needs tpu"), ("cudnn", "needs gpu"), ("pallas_gpu", "needs gpu")])
+def test_unavailable_backend_is_a_config_error_before_compiling(name, why):
     cfg = presets.tiny_llama(attention=name)
-    with pytest.raises(ConfigError, match=f"^model.attention='{name}'") as err:
+    with pytest.raises(ConfigError, match=f"^model.attention='{name}' {why}, this platform is cpu") as err:
         random_model(cfg)
     assert "\n" not in str(err.value)
+    select.check_backend("cudnn", on="gpu")  # a GPU accepts the kernels...
+    select.check_backend("pallas_gpu", on="gpu")
+    with pytest.raises(ConfigError, match="'splash' is not implemented in this version"):
+        select.check_backend("splash", on="tpu")  # ...splash is reserved
+
+
+def test_pallas_gpu_kernel_in_interpret_mode_equals_xla_values_and_grads():
+    """The Pallas GPU flash kernel (forward and Triton backward), run by Pallas' interpreter on CPU:
+    packed segments + padding + a batch-padding row, GQA 4/2, T = 45 (padded to the kernel's block)."""
+    b, t, h, kvh, hd = 2, 45, 4, 2, 8
+    q, k, v, w = _qkv(b, t, t, h, kvh, hd, seed=3)
+    seg = _segments("packed", b, t)
+    seg[1, 30:] = 0
+    spec = _self_spec(seg)
+    kernel = lambda q, k, v, spec, *, scale: pallas_gpu.attend(q, k, v, spec, scale=scale, interpret=True)  # noqa: E731
+    got = [np.asarray(x) for x in jax.jit(lambda *a: _value_and_grads(kernel, *a))(q, k, v, w, spec)]
+    want = [np.asarray(x) for x in run_xla(q, k, v, w, spec)]
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, r, rtol=0, atol=_tol(r, t), err_msg=name)
+    pad = seg == 0
+    np.testing.assert_array_equal(got[0][pad], 0.0)
+    np.testing.assert_array_equal(got[1][pad], 0.0)
+
+
+def _padded_spec(t, **flags):
+    seg = np.ones((2, t), np.int32)
+    seg[1, t // 2:] = 0
+    return _self_spec(seg, right_padded=True, **flags)
+
+
+def test_kernel_limits_name_the_reason():
+    bf16 = jnp.bfloat16
+    assert cudnn.unsupported(_padded_spec(64), bf16, 64) is None
+    assert cudnn.unsupported(_padded_spec(64, sliding_window=8), bf16, 128) is None
+    cases = [(_self_spec(_segments("packed", 2, 64)), bf16, 64, "not the right-padded"),
+             (_padded_spec(64), jnp.float32, 64, "float32; cuDNN's fused kernel needs bfloat16"),
+             (_padded_spec(64, softcap=5.0), bf16, 64, "no logit soft-cap"),
+             (_padded_spec(64, causal=False), bf16, 64, "not causal"),
+             (_padded_spec(64), bf16, 256, "head_dim 256"),
+             (MaskSpec(*(jnp.ones((2, n), jnp.int32) for n in (1, 1, 64, 64)), right_padded=True), bf16, 64,
+              "KV-cache")]
+    for spec, dtype, hd, why in cases:
+        assert why in cudnn.unsupported(spec, dtype, hd), why
+    assert pallas_gpu.unsupported(_self_spec(_segments("packed", 2, 64)), jnp.float32, 64) is None
+    assert "sliding window" in pallas_gpu.unsupported(_padded_spec(64, sliding_window=8), bf16, 64)
+    assert "soft-cap" in pallas_gpu.unsupported(_padded_spec(64, softcap=5.0), bf16, 64)
+
+
+def test_gpu_resolution_picks_kernels_and_falls_back_with_a_logged_reason(caplog, monkeypatch):
+    monkeypatch.setattr(select, "_logged", set())
+    monkeypatch.setattr(select, "platform", lambda: "gpu")
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    packed = _self_spec(_segments("packed", 2, 64))
+    with caplog.at_level(logging.INFO, logger="jaxpref.models.attention.select"):
+        assert resolve("auto", _padded_spec(64), bf16, 64) == "cudnn"
+        assert resolve("auto", _padded_spec(64), f32, 64) == "xla"  # cuDNN is bf16 / f16 only
+        assert resolve("auto", _padded_spec(2048), f32, 64) == "blocked"
+        assert resolve("auto", packed, bf16, 64) == "xla"
+        assert resolve("cudnn", _padded_spec(64), bf16, 64) == "cudnn"  # explicit and servable: silent
+        assert resolve("cudnn", packed, bf16, 64) == "xla"
+        assert resolve("pallas_gpu", packed, bf16, 64) == "pallas_gpu"
+        assert resolve("pallas_gpu", _padded_spec(2048, sliding_window=8), bf16, 64) == "blocked"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 5, lines  # f32 and packed under auto log the same choice and reason once
+    assert any("cudnn cannot serve it: the mask is not the right-padded" in x for x in lines)
+    assert any("pallas_gpu cannot serve it: the Pallas GPU kernel has no sliding window" in x for x in lines)
+
+
+def test_padded_training_rows_reach_the_length_kernel_and_packed_rows_do_not(monkeypatch):
+    """The padded ``[2B, T]`` path promises ``right_padded`` (so ``auto`` can give it to cuDNN on a GPU);
+    the packed path does not. A spy stands in for cuDNN (CPU) and delegates to the dense oracle."""
+    from jaxpref.data import TokenizedPairs, TokenizeStats, pair_batch
+    from jaxpref.data.packing import PackSpec, pack_pairs
+    from jaxpref.training import step as S
+
+    seen = []
+
+    def spy(q, k, v, spec, *, scale):
+        seen.append(spec.right_padded)
+        return xla.attend(q, k, v, spec, scale=scale)
+
+    monkeypatch.setattr(select, "platform", lambda: "gpu")
+    monkeypatch.setitem(select.IMPLEMENTATIONS, "cudnn", spy)
+    model = random_model(presets.tiny_llama(dtype="bfloat16"))
+    graphdef, params, rest = S.split_model(model)
+    rng = np.random.default_rng(0)
+    ids = lambda n: rng.integers(3, 128, n).astype(np.int32)  # noqa: E731
+    pairs = TokenizedPairs(prompt=[ids(5), ids(3)], chosen=[ids(4), ids(6)], rejected=[ids(2), ids(5)],
+                           row=np.arange(2), ids=["a", "b"], votes=np.ones(2, np.float32), tie=np.zeros(2, bool),
+                           pad_id=0, stats=TokenizeStats(n_input=2, n_kept=2))
+    S.pair_logps(graphdef, params, rest, pair_batch(pairs, [0, 1], seq_len=16), seq_chunk=8, vocab_chunk=64)
+    assert seen == [True] * model.config.num_layers
+    seen.clear()
+    packed = pack_pairs(pairs, [0, 1], PackSpec(seq_len=16, rows=4))
+    S.packed_pair_logps(graphdef, params, rest, packed, num_segments=packed.num_segments, seq_chunk=8,
+                        vocab_chunk=64)
+    assert seen == []
 
 
 def test_run_config_attention_field():

@@ -103,6 +103,7 @@ class CausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         return_logits: bool = False,
+        right_padded: bool = False,
     ) -> ModelOutput:
         """Forward pass.
 
@@ -116,6 +117,8 @@ class CausalLM(nnx.Module):
           cache: a :class:`KVCache`; this call's keys/values are written at ``cache.index``
             (the caller keeps ``index + T <= S``; out-of-range writes are clamped by XLA).
           return_logits: also compute [B, T, V] float32 logits.
+          right_padded: the caller promises one sequence per row at slots and positions
+            ``0 .. n-1`` then padding (:attr:`MaskSpec.right_padded`; lets cuDNN serve the mask).
 
         Returns:
           :class:`ModelOutput` with ``hidden`` [B, T, D] (compute dtype), ``logits`` and ``cache``.
@@ -140,7 +143,8 @@ class CausalLM(nnx.Module):
 
         if cache is None:
             kv, index = None, 0
-            mask = MaskSpec.self_attention(segment_ids, positions, sliding_window=cfg.sliding_window)
+            mask = MaskSpec.self_attention(segment_ids, positions, sliding_window=cfg.sliding_window,
+                                           right_padded=right_padded)
         else:
             kv, index = (cache.k, cache.v), cache.index
             kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))

@@ -75,14 +75,18 @@ def split_model(model: nnx.Module):
     return nnx.split(model, nnx.Param, ...)
 
 
-def forward_logps(graphdef, params, rest, input_ids, segment_ids, positions, loss_mask, *, seq_chunk, vocab_chunk):
+def forward_logps(graphdef, params, rest, input_ids, segment_ids, positions, loss_mask, *, seq_chunk, vocab_chunk,
+                  right_padded: bool = False):
     """Summed response log-probs of ``[N, T]`` sequences in one forward pass.
+
+    ``right_padded``: the rows are the padded layout of :mod:`jaxpref.data.batching` (one sequence
+    from slot 0, then padding), which lets kernel attention backends that take lengths serve them.
 
     Returns:
       :class:`jaxpref.logprobs.SequenceLogProbs` with ``[N]`` sums / counts / means.
     """
     model = nnx.merge(graphdef, params, rest)
-    out = model(input_ids, positions=positions, segment_ids=segment_ids)
+    out = model(input_ids, positions=positions, segment_ids=segment_ids, right_padded=right_padded)
     matrix, layout = model.unembedding()
     return logprobs.sequence_logprobs(out.hidden, matrix, input_ids, loss_mask, layout=layout,
                                       seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
@@ -93,7 +97,7 @@ def pair_logps(graphdef, params, rest, batch: PairBatch, **chunks) -> tuple[Arra
     b, two, t = batch.input_ids.shape
     flat = lambda x: x.reshape(b * two, t)
     lp = forward_logps(graphdef, params, rest, flat(batch.input_ids), flat(batch.segment_ids),
-                       flat(batch.positions), flat(batch.loss_mask), **chunks)
+                       flat(batch.positions), flat(batch.loss_mask), right_padded=True, **chunks)
     return lp.sums.reshape(b, two), lp.counts.reshape(b, two)
 
 
@@ -144,7 +148,7 @@ def reference_sample_logps(graphdef, params, rest, samples: ReferenceSampleBatch
     b, s, t = samples.input_ids.shape
     flat = lambda x: x.reshape(b * s, t)
     lp = forward_logps(graphdef, params, rest, flat(samples.input_ids), flat(samples.segment_ids),
-                       flat(samples.positions), flat(samples.loss_mask), **chunks)
+                       flat(samples.positions), flat(samples.loss_mask), right_padded=True, **chunks)
     return lp.sums.reshape(b, s).mean(1), lp.counts.reshape(b, s).mean(1)
 
 
@@ -352,7 +356,8 @@ def make_sft_step(graphdef, rest, optimizer, *, micro_batches: int = 1, seq_chun
 
         def micro_loss(params, mb: SFTBatch):
             m = mb.loss_mask * mb.example_mask[:, None]
-            lp = forward_logps(graphdef, params, rest, mb.input_ids, mb.segment_ids, mb.positions, m, **chunks)
+            lp = forward_logps(graphdef, params, rest, mb.input_ids, mb.segment_ids, mb.positions, m,
+                               right_padded=True, **chunks)
             nll = -lp.sums.sum() / total_tokens
             return nll, {"nll": jax.lax.stop_gradient(nll)}
 

@@ -39,6 +39,11 @@ class MaskSpec:
       causal: keys at later positions are hidden.
       sliding_window: W or None; a query sees keys fewer than W positions back.
       softcap: logit soft-cap ``c`` (scores become ``c * tanh(s / c)``) or None.
+      right_padded: a promise by the caller (not checked) that every row holds ONE sequence at
+        positions ``0 .. n-1`` in slots ``0 .. n-1`` (segment id 1) followed by padding (segment id
+        0), for queries and keys alike: the padded ``[2B, T]`` training and scoring layout. Kernels
+        that only take sequence lengths (cuDNN) serve a mask only under this promise; the rule
+        itself (:meth:`visible`) does not depend on it.
     """
 
     q_segment_ids: jax.Array
@@ -48,6 +53,7 @@ class MaskSpec:
     causal: bool = flax.struct.field(pytree_node=False, default=True)
     sliding_window: int | None = flax.struct.field(pytree_node=False, default=None)
     softcap: float | None = flax.struct.field(pytree_node=False, default=None)
+    right_padded: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def self_attention(cls, segment_ids: jax.Array, positions: jax.Array, **flags) -> MaskSpec:
