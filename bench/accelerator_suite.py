@@ -25,7 +25,8 @@ Stages (``--stages``, in this order; each is timed, a failing stage is recorded 
 * ``generation`` -- KV-cache generation tokens/s (greedy, fixed length) of the scoring model.
 
 ``--dry-run`` swaps in tiny sizes (tiny presets, T 64, the llama2.c stories260K model on 8 pairs) so that every
-stage's code runs on a CPU in about a minute; ``tests/test_accelerator_suite.py`` runs it. ``bench/accelerator_suite.md``
+stage's code runs on a CPU in about a minute; ``tests/test_accelerator_suite.py`` runs it.
+``bench/accelerator_suite.md``
 gives the exact command for the device image.
 """
 
@@ -239,8 +240,8 @@ def stage_scoring(args) -> dict:
     import jax
 
     from eval import ranking
-    from jaxpref import evaluation as ev
     from eval.common import tokenize_config
+    from jaxpref import evaluation as ev
 
     model_spec, tokenizer, data, limit, max_len = _scoring_inputs(args)
     targs = argparse.Namespace(max_length=max_len, max_prompt_length=None, no_chat_template=True, no_eos=True)

@@ -29,7 +29,6 @@ import numpy as np
 from jaxpref import losses
 from jaxpref.config import OptimConfig
 from jaxpref.data import TokenizedPairs, TokenizeStats, pair_batch
-from jaxpref.data.packing import PackSpec, pack_pairs
 from jaxpref.models import presets
 from jaxpref.models.attention import MaskSpec, select, xla
 from jaxpref.models.transformer import segment_positions
@@ -91,12 +90,12 @@ def _batch(n_pairs: int = 4, seq_len: int = 64):
     return pair_batch(pairs, list(range(n_pairs)), seq_len=seq_len)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _split_cached(dtype: str, seed: int):
     return _split(dtype, seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _programs(dtype: str):
     """Jitted ``(logps, logps_and_hidden, dpo_step)`` of the check model in ``dtype`` (compiled once per run)."""
     graphdef, _, rest = _split_cached(dtype, 0)
