@@ -65,3 +65,10 @@ def test_unknown_stage_is_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         accelerator_suite.main(["--out", str(tmp_path), "--stages", "device,warp"])
     assert "--stages: unknown ['warp']" in capsys.readouterr().err
+
+
+def test_readme_shows_the_commands_this_file_runs():
+    readme = (ROOT / "README.md").read_text()
+    assert "python bench/accelerator_suite.py --out DIR --dry-run" in readme
+    assert "python bench/accelerator_suite.py --out DIR " in readme
+    assert (ROOT / "bench" / "accelerator_suite.md").read_text().count("bench/accelerator_suite.py --out $OUT/") == 2
