@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxpref.config import ConfigError, RunConfig, load_config
 from jaxpref.models import presets
-from jaxpref.models.attention import MaskSpec, attend, blocked, cudnn, pallas_gpu, resolve, select, xla
+from jaxpref.models.attention import MaskSpec, attend, blocked, cudnn, pallas_gpu, resolve, select, splash, xla
 from jaxpref.models.attention.xla import dense_mask
 from jaxpref.models.transformer import segment_positions
 from jaxpref.testing.models import fast_compile, random_model
@@ -268,10 +268,12 @@ def test_unavailable_backend_is_a_config_error_before_compiling(name, why):
     with pytest.raises(ConfigError, match=f"^model.attention='{name}' {why}, this platform is cpu") as err:
         random_model(cfg)
     assert "\n" not in str(err.value)
-    select.check_backend("cudnn", on="gpu")  # a GPU accepts the kernels...
+    select.check_backend("cudnn", on="gpu")  # the platforms the kernels need accept them
     select.check_backend("pallas_gpu", on="gpu")
-    with pytest.raises(ConfigError, match="'splash' is not implemented in this version"):
-        select.check_backend("splash", on="tpu")  # ...splash is reserved
+    select.check_backend("splash", on="tpu")
+    with pytest.raises(ConfigError, match="'cudnn' needs gpu, this platform is tpu; available here: auto, xla, "
+                                          "blocked, splash$"):
+        select.check_backend("cudnn", on="tpu")
 
 
 def test_pallas_gpu_kernel_in_interpret_mode_equals_xla_values_and_grads():
@@ -290,6 +292,24 @@ def test_pallas_gpu_kernel_in_interpret_mode_equals_xla_values_and_grads():
     pad = seg == 0
     np.testing.assert_array_equal(got[0][pad], 0.0)
     np.testing.assert_array_equal(got[1][pad], 0.0)
+
+
+def test_splash_kernel_in_interpret_mode_equals_xla_values_and_grads():
+    """The TPU splash kernel (multi-query kernel per KV head), run by Pallas' TPU interpreter on CPU: packed
+    segments + padding, sliding window, soft-cap that binds, MQA 2/1, T = 150 (two 128-blocks after padding)."""
+    b, t, h, kvh, hd = 2, 150, 2, 1, 8
+    q, k, v, w = _qkv(b, t, t, h, kvh, hd, seed=5, scale=3.0)
+    seg = np.ones((b, t), np.int32)
+    seg[0, 120:] = 0
+    seg[1] = np.repeat([1, 2, 3, 0], [50, 40, 50, 10])
+    spec = _self_spec(seg, sliding_window=37, softcap=3.0)
+    kernel = lambda q, k, v, spec, *, scale: splash.attend(q, k, v, spec, scale=scale, interpret=True)  # noqa: E731
+    got = [np.asarray(x) for x in jax.jit(lambda *a: _value_and_grads(kernel, *a))(q, k, v, w, spec)]
+    want = [np.asarray(x) for x in run_xla(q, k, v, w, spec)]
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, r, rtol=0, atol=_tol(r, t), err_msg=name)
+    np.testing.assert_array_equal(got[0][seg == 0], 0.0)
+    assert splash.unsupported(MaskSpec(*(jnp.ones((2, n), jnp.int32) for n in (1, 1, 9, 9))), jnp.float32, 8)
 
 
 def _padded_spec(t, **flags):

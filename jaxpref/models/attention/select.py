@@ -8,12 +8,13 @@ Backends:
   (with or without a window), bf16 / f16, no soft-cap;
 * ``pallas_gpu`` -- the Pallas (Triton) flash kernel (:mod:`.pallas_gpu`), GPUs, packed or padded
   self-attention without window or soft-cap;
-* ``splash`` -- reserved for Pallas splash attention on TPU; not in this version.
+* ``splash`` -- Pallas splash attention (:mod:`.splash`), TPUs, packed or padded self-attention with
+  window and soft-cap.
 
 ``auto`` (the default) picks per call site, at trace time (shapes are static):
 
 * one-token decoding (``T = 1``) -> ``xla``: its scores are ``[B, H, 1, S]``, already O(S);
-* on a GPU, the first kernel of :data:`AUTO_GPU_KERNELS` that serves the mask;
+* on a GPU or TPU, the first kernel of :data:`AUTO_KERNELS` for the platform that serves the mask;
 * otherwise key length ``S >= AUTO_BLOCKED_MIN_LEN`` -> ``blocked``, shorter -> ``xla``.
 
 The CPU threshold comes from ``bench/attention_cpu.py`` (``bench/results/attention_cpu.json``:
@@ -28,7 +29,7 @@ An explicit choice runs as asked when it can serve the mask. When a kernel canno
 ``cudnn`` for packed segments or float32 inputs), the call falls back to what ``auto`` would
 pick without that kernel, and logs the reason once. One-token decode steps always use ``xla``
 (a single query row has nothing to tile). A backend that cannot run on this platform at all
-(``cudnn`` or ``pallas_gpu`` on CPU, ``splash`` anywhere in this version) is a
+(``cudnn`` or ``pallas_gpu`` on CPU, ``splash`` off TPU) is a
 :class:`~jaxpref.config.ConfigError` naming ``model.attention`` when the model is built, before
 anything compiles.
 
@@ -44,7 +45,7 @@ import logging
 import jax
 
 from jaxpref.config import ConfigError
-from jaxpref.models.attention import blocked, cudnn, pallas_gpu, xla
+from jaxpref.models.attention import blocked, cudnn, pallas_gpu, splash, xla
 from jaxpref.models.attention.mask import MaskSpec
 from jaxpref.models.config import ATTENTION_BACKENDS
 
@@ -52,11 +53,10 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ATTENTION_BACKENDS
 IMPLEMENTATIONS = {"xla": xla.attend, "blocked": blocked.attend, "cudnn": cudnn.attend,
-                   "pallas_gpu": pallas_gpu.attend}
-KERNELS = {"cudnn": cudnn, "pallas_gpu": pallas_gpu}  # platform-bound, mask-limited
-# Known kernels not implemented yet, with the platforms they need.
-PLANNED = {"splash": ("tpu",)}
-AUTO_GPU_KERNELS: tuple[str, ...] = ("cudnn",)
+                   "pallas_gpu": pallas_gpu.attend, "splash": splash.attend}
+KERNELS = {"cudnn": cudnn, "pallas_gpu": pallas_gpu, "splash": splash}  # platform-bound, mask-limited
+# What ``auto`` tries first, per platform (then the portable rule).
+AUTO_KERNELS: dict[str, tuple[str, ...]] = {"gpu": ("cudnn",), "tpu": ("splash",)}
 AUTO_BLOCKED_MIN_LEN = 1024
 
 _logged: set[tuple] = set()
@@ -76,11 +76,6 @@ def check_backend(name: str, on: str | None = None) -> None:
     if name in KERNELS and on not in KERNELS[name].PLATFORMS:
         raise ConfigError(f"model.attention={name!r} needs {' or '.join(KERNELS[name].PLATFORMS)}, this platform "
                           f"is {on}; available here: {', '.join(here)}")
-    if name in PLANNED:
-        needs = PLANNED[name]
-        why = (f"needs {' or '.join(needs)}, this platform is {on}" if on not in needs
-               else "is not implemented in this version")
-        raise ConfigError(f"model.attention={name!r} {why}; available here: {', '.join(here)}")
 
 
 def _portable(spec: MaskSpec) -> tuple[str, str]:
@@ -107,8 +102,8 @@ def resolve(name: str, spec: MaskSpec, dtype=None, head_dim: int | None = None) 
     elif name == "auto":
         choice = None
         if dtype is not None and head_dim is not None:
-            for kernel in AUTO_GPU_KERNELS:
-                if on in KERNELS[kernel].PLATFORMS and KERNELS[kernel].unsupported(spec, dtype, head_dim) is None:
+            for kernel in AUTO_KERNELS.get(on, ()):
+                if KERNELS[kernel].unsupported(spec, dtype, head_dim) is None:
                     choice, why = kernel, "serves this mask"
                     break
         if choice is None:
