@@ -171,7 +171,8 @@ TINY_PRESETS: tuple[str, ...] = tuple(name for name in PRESETS if name.startswit
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:
-    """A preset by name, with field overrides (e.g. ``dtype="bfloat16"``)."""
+    """A preset by name, with field overrides (e.g. ``dtype="bfloat16"``, or ``num_layers=2`` of a full-size
+    preset, whose constructor sets it: overrides replace fields of the built config)."""
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)
+    return PRESETS[name]().replace(**overrides)
