@@ -156,6 +156,8 @@ class OptimConfig:
       b1, b2, eps: Adam moments; ``b2`` is RMSProp's decay.
       momentum: SGD / RMSProp momentum (0 = none).
       clip_norm: global gradient-norm clipping threshold (None = off).
+      state_dtype: dtype of the optimizer state and update arithmetic (``float32`` keeps the Adam moments of
+        bfloat16 parameters in float32); None = the parameters' dtype.
     """
 
     name: str = "adamw"
@@ -170,6 +172,7 @@ class OptimConfig:
     eps: float = 1e-8
     momentum: float = 0.0
     clip_norm: float | None = 1.0
+    state_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,7 @@ class RunConfig:
 _CHOICES = {
     "optim.name": ("adamw", "adam", "rmsprop", "sgd", "adafactor"),
     "optim.schedule": ("constant", "cosine", "linear"),
+    "optim.state_dtype": ("float32", "bfloat16"),
     "reference.strategy": ("live", "precomputed", "none"),
     "data.truncation": ("keep_end", "truncate_response", "drop"),
     "model.param_dtype": ("float32", "bfloat16"),

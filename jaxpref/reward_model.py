@@ -78,7 +78,7 @@ def pair_rewards(graphdef, params, rest, batch: PairBatch) -> Array:
     """``[B, 2]`` rewards of chosen and rejected in one forward of ``[2B, T]``."""
     b, two, t = batch.input_ids.shape
     flat = lambda x: x.reshape(b * two, t)
-    model = nnx.merge(graphdef, params, rest)
+    model = steplib.merge_model(graphdef, params, rest)
     r = model(flat(batch.input_ids), positions=flat(batch.positions), segment_ids=flat(batch.segment_ids))
     return r.reshape(b, two)
 
@@ -166,11 +166,9 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
     it = loop.open_iterator(cfg, data)
     checkpointer, state, start = loop.open_checkpoints(cfg, run_dir, state, it, resume)
 
-    fn = make_reward_step(graphdef, rest, optimizer, micro_batches=cfg.train.micro_batches,
-                          nan_policy=cfg.train.nan_policy)
+    fn = loop.make_train_step(cfg, "reward", graphdef, rest, optimizer)
     state_sh = parallel.tree_shardings(state)
-    jitted = loop.per_shape(lambda batch: steplib.jit_step(
-        fn, state_sh, (jax.tree.map(lambda x: parallel.batch_sharding(mesh, np.ndim(x)), batch),)))
+    jitted = loop.per_shape(lambda batch: loop.jit_train_step(fn, "reward", mesh, state_sh, batch))
 
     def call(state, placed):
         return jitted(placed)(state, placed)

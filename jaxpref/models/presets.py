@@ -32,6 +32,30 @@ def llama3_2_1b(**kw) -> ModelConfig:
         tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001, **kw)
 
 
+def llama3_2_3b(**kw) -> ModelConfig:
+    """Meta-Llama-3.2-3B (3,212,749,824 parameters; tied, GQA 24/8, RoPE scaling factor 32)."""
+    return ModelConfig(
+        Family.LLAMA, vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24,
+        num_kv_heads=8, head_dim=128, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(factor=32.0),
+        tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001, **kw)
+
+
+def llama3_1_70b(**kw) -> ModelConfig:
+    """Meta-Llama-3.1-70B (70,553,706,496 parameters; GQA 64/8)."""
+    return ModelConfig(
+        Family.LLAMA, vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+        num_kv_heads=8, head_dim=128, norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(),
+        max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001, **kw)
+
+
+def qwen2_5_7b(**kw) -> ModelConfig:
+    """Qwen2.5-7B (7,615,616,512 parameters; q/k/v biases, GQA 28/4, untied)."""
+    return ModelConfig(
+        Family.QWEN2, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+        num_kv_heads=4, head_dim=128, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True,
+        max_position_embeddings=131072, bos_token_id=151643, eos_token_id=151643, **kw)
+
+
 def mistral_7b(**kw) -> ModelConfig:
     """Mistral-7B-v0.1 (7,241,732,096 parameters; sliding window 4096)."""
     return ModelConfig(
@@ -148,15 +172,16 @@ def tiny_gpt_neox(**kw) -> ModelConfig:
 
 
 PRESETS: dict[str, Callable[..., ModelConfig]] = {
-    f.__name__: f for f in (llama3_8b, llama3_2_1b, mistral_7b, qwen2_0_5b, smollm2_135m, gemma_2b, gpt2_small, pythia_160m,
-                            stories260k, tiny_llama, tiny_llama3, tiny_smollm2, tiny_mistral, tiny_qwen2,
-                            tiny_qwen2_tied, tiny_gemma, tiny_gpt2, tiny_gpt_neox)
+    f.__name__: f for f in (llama3_8b, llama3_2_1b, llama3_2_3b, llama3_1_70b, qwen2_5_7b, mistral_7b, qwen2_0_5b, smollm2_135m,
+                            gemma_2b, gpt2_small, pythia_160m, stories260k, tiny_llama, tiny_llama3, tiny_smollm2,
+                            tiny_mistral, tiny_qwen2, tiny_qwen2_tied, tiny_gemma, tiny_gpt2, tiny_gpt_neox)
 }
 TINY_PRESETS: tuple[str, ...] = tuple(name for name in PRESETS if name.startswith("tiny_"))
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:
-    """A preset by name, with field overrides (e.g. ``dtype="bfloat16"``)."""
+    """A preset by name, with field overrides (e.g. ``dtype="bfloat16"``, or ``num_layers=2`` of a full-size
+    preset, whose constructor sets it: overrides replace fields of the built config)."""
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)
+    return PRESETS[name]().replace(**overrides)

@@ -257,23 +257,12 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         ref_cache = _precompute(cfg, graphdef, rest, ref_params, data, mesh)
         ref_params = None
 
-    chunks = {"seq_chunk": cfg.train.seq_chunk, "vocab_chunk": cfg.train.vocab_chunk}
-    if kind == "preference":
-        fn = steplib.make_preference_step(graphdef, rest, optimizer, comp, reference=cfg.reference.strategy,
-                                          micro_batches=cfg.train.micro_batches, nan_policy=cfg.train.nan_policy,
-                                          **chunks)
-    else:
-        fn = steplib.make_sft_step(graphdef, rest, optimizer, micro_batches=cfg.train.micro_batches,
-                                   nan_policy=cfg.train.nan_policy, **chunks)
+    fn = make_train_step(cfg, kind, graphdef, rest, optimizer, comp)
     state_sh = parallel.tree_shardings(state)
+    ref_sh = None if ref_params is None else parallel.tree_shardings(ref_params)
 
     def build(batch):
-        batch_sh = jax.tree.map(lambda x: parallel.batch_sharding(mesh, np.ndim(x)), batch)
-        if kind == "preference":
-            ref_sh = None if ref_params is None else parallel.tree_shardings(ref_params)
-            rl_sh = parallel.batch_sharding(mesh, 2) if ref_cache is not None else None
-            return steplib.jit_step(fn, state_sh, (ref_sh, batch_sh, rl_sh))
-        return steplib.jit_step(fn, state_sh, (batch_sh,))
+        return jit_train_step(fn, kind, mesh, state_sh, batch, ref_sh=ref_sh, ref_logps=ref_cache is not None)
 
     jitted = per_shape(build)
 
@@ -313,6 +302,37 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def make_train_step(cfg: RunConfig, kind: str, graphdef, rest, optimizer, comp=None) -> Callable:
+    """The step function a ``kind`` run trains with (``preference``: :func:`~jaxpref.training.step.make_preference_step`
+    with the loss composition ``comp``; ``sft``: :func:`~jaxpref.training.step.make_sft_step`; ``reward``:
+    :func:`jaxpref.reward_model.make_reward_step`), built from the config's train settings. The trainers
+    and the memory planner (:mod:`jaxpref.training.plan`) both build their step here."""
+    chunks = {"seq_chunk": cfg.train.seq_chunk, "vocab_chunk": cfg.train.vocab_chunk}
+    common = {"micro_batches": cfg.train.micro_batches, "nan_policy": cfg.train.nan_policy}
+    if kind == "preference":
+        return steplib.make_preference_step(graphdef, rest, optimizer, comp, reference=cfg.reference.strategy,
+                                            **common, **chunks)
+    if kind == "sft":
+        return steplib.make_sft_step(graphdef, rest, optimizer, **common, **chunks)
+    if kind == "reward":
+        from jaxpref.reward_model import make_reward_step
+
+        return make_reward_step(graphdef, rest, optimizer, **common)
+    raise ValueError(f"unknown run kind {kind!r}: expected preference, sft or reward")
+
+
+def jit_train_step(fn: Callable, kind: str, mesh, state_sh, batch, *, ref_sh=None, ref_logps: bool = False):
+    """``fn`` jitted for ``batch``'s shape (arrays or ``jax.ShapeDtypeStruct``) with the run's shardings: the
+    state's ``state_sh``, the batch split over the mesh's ``batch`` axes; for ``preference`` also the
+    reference params' ``ref_sh`` (None: no live reference) and, with ``ref_logps``, the precomputed
+    ``[B, 2]`` reference log-probs split like the batch."""
+    batch_sh = jax.tree.map(lambda x: parallel.batch_sharding(mesh, len(np.shape(x))), batch)
+    if kind == "preference":
+        rl_sh = parallel.batch_sharding(mesh, 2) if ref_logps else None
+        return steplib.jit_step(fn, state_sh, (ref_sh, batch_sh, rl_sh))
+    return steplib.jit_step(fn, state_sh, (batch_sh,))
 
 
 def open_iterator(cfg: RunConfig, data, ref_samples=None, packing: data_packing.PackSpec | None = None):

@@ -37,8 +37,30 @@ def decay_mask(params, include_1d: bool = False):
     return jax.tree.map(lambda p: include_1d or jnp.ndim(p) > 1, params)
 
 
+def with_state_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """``inner`` run in ``dtype``: its state is initialised from, and its updates computed with, the
+    parameters and gradients cast to ``dtype`` (mixed precision: float32 Adam moments of bfloat16
+    parameters); :func:`optax.apply_updates` casts the updates back to each parameter's dtype."""
+    dtype = jnp.dtype(dtype)
+    cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype) if hasattr(x, "astype") else x, tree)  # noqa: E731
+
+    def init(params):
+        return inner.init(cast(params))
+
+    def update(updates, state, params=None):
+        return inner.update(cast(updates), state, None if params is None else cast(params))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Builds the optimizer chain: clip -> base optimizer (with schedule) -> masked weight decay."""
+    """Builds the optimizer chain: clip -> base optimizer (with schedule) -> masked weight decay, in
+    ``cfg.state_dtype`` when set (:func:`with_state_dtype`)."""
+    tx, schedule = _make_optimizer(cfg, total_steps)
+    return (tx if cfg.state_dtype is None else with_state_dtype(tx, cfg.state_dtype)), schedule
+
+
+def _make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(cfg, total_steps)
     mask = lambda params: decay_mask(params, cfg.decay_norms_and_biases)
     parts: list[optax.GradientTransformation] = []

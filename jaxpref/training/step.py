@@ -27,6 +27,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -75,6 +76,16 @@ def split_model(model: nnx.Module):
     return nnx.split(model, nnx.Param, ...)
 
 
+def merge_model(graphdef, params, rest) -> nnx.Module:
+    """The model of :func:`split_model`'s parts, for use inside a traced (differentiated) step.
+
+    The merge copies the variables (``copy=True``): without it the model reuses the ``nnx.Variable``
+    objects JAX unflattened the params into, which belong to an outer trace, and a rematerialised layer
+    (``model.remat``, ``nnx.remat``) then fails with "Cannot mutate Param from a different trace level".
+    """
+    return nnx.merge(graphdef, params, rest, copy=True)
+
+
 def forward_logps(graphdef, params, rest, input_ids, segment_ids, positions, loss_mask, *, seq_chunk, vocab_chunk,
                   right_padded: bool = False):
     """Summed response log-probs of ``[N, T]`` sequences in one forward pass.
@@ -85,7 +96,7 @@ def forward_logps(graphdef, params, rest, input_ids, segment_ids, positions, los
     Returns:
       :class:`jaxpref.logprobs.SequenceLogProbs` with ``[N]`` sums / counts / means.
     """
-    model = nnx.merge(graphdef, params, rest)
+    model = merge_model(graphdef, params, rest)
     out = model(input_ids, positions=positions, segment_ids=segment_ids, right_padded=right_padded)
     matrix, layout = model.unembedding()
     return logprobs.sequence_logprobs(out.hidden, matrix, input_ids, loss_mask, layout=layout,
@@ -113,7 +124,7 @@ def packed_pair_logps(graphdef, params, rest, batch: PackedPairBatch, *, num_seg
     Returns:
       ``(sums [B, 2], counts [B, 2])`` as :func:`pair_logps` (0 for padding pairs).
     """
-    model = nnx.merge(graphdef, params, rest)
+    model = merge_model(graphdef, params, rest)
     out = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids)
     matrix, layout = model.unembedding()
     lp = logprobs.segment_logprobs(out.hidden, matrix, batch.input_ids, batch.loss_mask, batch.segment_ids,
@@ -382,17 +393,46 @@ def jit_step(step: Callable, state_sharding, other_shardings: tuple, *, donate: 
                    out_shardings=(state_sharding, None), donate_argnums=(0,) if donate else ())
 
 
-def build_state(params, optimizer: optax.GradientTransformation, seed: int, mesh=None) -> TrainState:
-    """A :class:`TrainState` whose params (and so optimizer moments) are placed on ``mesh``."""
+def state_shardings(state, param_shardings, mesh) -> TrainState:
+    """The ``NamedSharding`` of every leaf of a :class:`TrainState` on ``mesh``.
+
+    Parameters keep ``param_shardings`` (from their logical axes, :func:`jaxpref.parallel.state_shardings`);
+    every optimizer-state leaf that is a copy of a parameter (Adam / RMSProp moments, momentum: its key
+    path ends with the parameter's path and it has the parameter's shape) is sharded like that
+    parameter; the rest (step counts, factored statistics, the RNG and scalars) is replicated.
+
+    Args:
+      state: a :class:`TrainState` of arrays or ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` of
+        :func:`init_state`).
+      param_shardings: a pytree of ``NamedSharding`` with the structure of ``state.params``.
+    """
     from jaxpref import parallel
 
-    if mesh is not None:
-        params = parallel.place_params(params, mesh)
-    state = jax.jit(lambda p: init_state(p, optimizer, seed))(params)
-    if mesh is not None:
-        # scalars and the RNG are replicated; params/moments keep the shardings they were born with
-        rep = parallel.replicated(mesh)
-        state = state.replace(step=jax.device_put(state.step, rep), rng=jax.device_put(state.rng, rep),
-                              bco_delta=jax.device_put(state.bco_delta, rep),
-                              skipped=jax.device_put(state.skipped, rep))
-    return state
+    rep = parallel.replicated(mesh)
+    by_path = {tuple(path): (np.shape(x), sh) for (path, x), sh in
+               zip(jax.tree_util.tree_flatten_with_path(state.params)[0], jax.tree.leaves(param_shardings),
+                   strict=True)}
+    depths = sorted({len(p) for p in by_path}, reverse=True)
+
+    def opt_leaf(path, x):
+        for n in depths:
+            shape, sh = by_path.get(tuple(path[-n:]), (None, None))
+            if sh is not None and shape == np.shape(x):
+                return sh
+        return rep
+
+    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state)
+    return TrainState(step=rep, params=param_shardings, opt_state=opt_sh, rng=rep, bco_delta=rep, skipped=rep)
+
+
+def build_state(params, optimizer: optax.GradientTransformation, seed: int, mesh=None) -> TrainState:
+    """A :class:`TrainState` whose params and optimizer moments are sharded on ``mesh`` like the params
+    (:func:`state_shardings`; a moment left to XLA's propagation came out replicated on every device)."""
+    from jaxpref import parallel
+
+    init = lambda p: init_state(p, optimizer, seed)  # noqa: E731
+    if mesh is None:
+        return jax.jit(init)(params)
+    params = parallel.place_params(params, mesh)
+    shardings = state_shardings(jax.eval_shape(init, params), parallel.tree_shardings(params), mesh)
+    return jax.jit(init, out_shardings=shardings)(params)
