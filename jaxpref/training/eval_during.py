@@ -1,7 +1,8 @@
 """Held-out evaluation during training (``train.eval_every``) and keeping the best checkpoint.
 
 Every trainer hands :func:`jaxpref.training.loop.run_steps` an evaluator: ``evaluator(step, state) ->
-{"eval/...": float}``, called at step 0, every ``train.eval_every`` steps and at the last step. The rows
+{"eval/...": float}``, called at step 0 and every ``train.eval_every`` steps (when it is > 0) and at the
+last step. The rows
 go to ``metrics.jsonl`` (their own lines, keys ``eval/...``), TensorBoard and the progress bar; the
 time they take is ``eval/time_s`` and ``summary.json``'s ``eval_s``, kept out of the training
 throughput.
@@ -63,7 +64,7 @@ FALLBACK_ALPHA = 0.75  # eval.ranking's --fallback-alpha (the released code's si
 
 
 def due(step: int, every: int, last: int) -> bool:
-    """Whether ``step`` is an eval step: 0, every ``every`` steps (``every > 0``) and the last step."""
+    """Whether ``step`` (>= 1) is an eval step: every ``every`` steps (``every > 0``) and the last step."""
     return step == last or (every > 0 and step % every == 0)
 
 
@@ -324,3 +325,75 @@ class BestCheckpoint:
             tmp.write_text(json.dumps({"metric": self.metric, "mode": self.mode, "step": self.step,
                                        "value": self.value, "time": time.time()}, indent=1))
             tmp.replace(self.path)
+
+
+# ------------------------------------------------------------------------------------ WRO prompts
+
+
+def subset_table(table, positions: np.ndarray):
+    """The rows ``positions`` of a :class:`jaxpref.training.wro.PromptTable` (nothing rejected)."""
+    pos = [int(p) for p in positions]
+    return type(table)(prompt_ids=[table.prompt_ids[p] for p in pos], prompts=[table.prompts[p] for p in pos],
+                       rows=np.asarray(table.rows, np.int64)[pos],
+                       responses=None if table.responses is None else [table.responses[p] for p in pos],
+                       n_rejected=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    row: int
+    id: str
+
+
+def split_prompts(table, *, fraction: float, seed: int, source: str, limit: int | None, run_dir, resume: bool):
+    """``(train table, held-out table)``: ``data.eval_split`` of a WRO prompt table, by source row
+    (:func:`jaxpref.data.split.hold_out`, recorded in ``RUN_DIR/eval_split.json``)."""
+    from jaxpref.data import split as data_split
+
+    rows = [_Row(int(r), f"row:{int(r)}") for r in table.rows]
+    _, held, _ = data_split.hold_out(rows, fraction=fraction, seed=seed, source=source, limit=limit,
+                                     run_dir=run_dir, resume=resume, write=jax.process_index() == 0)
+    held_rows = {r.row for r in held}
+    is_held = np.array([int(r) in held_rows for r in table.rows], bool)
+    return subset_table(table, np.flatnonzero(~is_held)), subset_table(table, np.flatnonzero(is_held))
+
+
+@dataclasses.dataclass
+class WROEvaluator:
+    """``eval/judge/win_rate`` (and ``eval/judge/value``) of a WRO policy on held-out prompts.
+
+    Each eval samples ``samples_per_prompt`` responses per held-out prompt and judges them against the
+    run's competitor exactly as a training step does (:meth:`jaxpref.training.wro.RolloutCollector.collect`),
+    in batches of ``batch_size`` prompts (the training shapes; the last one is topped up with the first
+    prompts again) with fixed sampling keys, so two evals differ only by the policy. The values are means
+    over the batches.
+
+    Attributes:
+      collector: the held-out prompts' :class:`~jaxpref.training.wro.RolloutCollector`.
+      batch_size: prompts per batch (``train.batch_size``).
+      policy: ``params -> merged policy model``; reference: the merged reference model (or None).
+      make_batch: ``(positions, key step) -> PromptBatch``.
+    """
+
+    collector: Any
+    batch_size: int
+    policy: Callable[[Any], Any]
+    reference: Any
+    make_batch: Callable[[np.ndarray, int], Any]
+    postfix: str = "eval/judge/win_rate"
+    compiles: int = 0
+    KEY_OFFSET = 1 << 30  # sampling keys apart from the training steps'
+
+    def __call__(self, step: int, state) -> dict[str, float]:
+        n = len(self.collector.table)
+        policy = self.policy(state.params)
+        totals = {"judge/win_rate": 0.0, "judge/value": 0.0, "response_length": 0.0}
+        batches = range(0, n, self.batch_size)
+        with CompileWatch() as watch:
+            for k, lo in enumerate(batches):
+                pos = np.arange(lo, lo + self.batch_size) % n  # a full batch (the training shape); wraps around
+                _, host = self.collector.collect(self.make_batch(pos, self.KEY_OFFSET + k), policy, self.reference)
+                for name in totals:
+                    totals[name] += host[name]
+        self.compiles += watch.compiles
+        return {**{f"{PREFIX}{k}": v / len(batches) for k, v in totals.items()}, "eval/prompts": n}

@@ -520,8 +520,8 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
       reference: ``reference() -> params`` saved with every checkpoint (after ``after_step`` ran), for
         runs whose reference changes (TR-DPO syncing); None: no reference item.
       evaluator: ``evaluator(step, state) -> {"eval/...": float}`` on held-out data
-        (:mod:`jaxpref.training.eval_during`), run at step 0, every ``train.eval_every`` steps and at the
-        last step; its rows are their own ``metrics.jsonl`` lines with ``eval/time_s``. With
+        (:mod:`jaxpref.training.eval_during`), run at step 0 and every ``train.eval_every`` steps (when
+        it is > 0) and at the last step; its rows are their own ``metrics.jsonl`` lines with ``eval/time_s``. With
         ``checkpoint.keep_best`` an eval step that improves the metric is checkpointed and kept.
     """
     writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
@@ -580,7 +580,7 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
     feed = Prefetcher(it, place, depth=cfg.train.prefetch) if start < steps else None
     watch = CompileWatch().__enter__()
     try:
-        if evaluator is not None and start == 0:
+        if evaluator is not None and start == 0 and cfg.train.eval_every > 0:
             evaluate(0, state)
         for s in range(start + 1, steps + 1):
             if s == kill_at:
