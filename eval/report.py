@@ -29,7 +29,7 @@ MAX_ROWS = 60
 STEP_KEY = "step"
 NOT_PLOTTED = ("tokens", "pairs", "nonfinite", "target_tokens")
 EVAL_PREFIX = "eval/"  # held-out rows logged during training (jaxpref.training.eval_during): their own plots
-EVAL_COUNTERS = ("eval/pairs", "eval/examples", "eval/prompts")  # not plotted either
+EVAL_COUNTERS = ("eval/pairs", "eval/examples", "eval/prompts", "eval/compiles")  # not plotted either
 EVAL_GROUPS = (("gap", ("alignment_gap",)), ("ranking", ("ranking_accuracy", "R_star")),
                ("displacement", ("_change_mean", "_logp_mean", "displaced")))
 

@@ -565,7 +565,8 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
         with CompileWatch() as w:
             row = evaluator(s, state)
         dt = time.perf_counter() - t0
-        ev.seconds, ev.compile_s, ev.last = ev.seconds + dt, ev.compile_s + w.seconds, {**row, "eval/time_s": dt}
+        ev.seconds, ev.compile_s = ev.seconds + dt, ev.compile_s + w.seconds
+        ev.last = {**row, "eval/time_s": dt, "eval/compiles": w.compiles + w.cache_loads}
         ev.last = writer.write(s, ev.last)
         key = getattr(evaluator, "postfix", None)
         if key in row:
