@@ -273,6 +273,9 @@ class TrainLoopConfig:
       eval_every: held-out evaluation every N steps, and at step 0 and the last step (0 = only at the
         last step); needs ``data.eval`` or ``data.eval_split`` (:mod:`jaxpref.training.eval_during`).
       eval_batch_size: pairs (or examples) per eval forward (packed: their tokens, on average).
+      win_rate_every: preference runs: also the judge win rate of the policy against the initial reference
+        on ``eval.win_rate_prompts`` held-out prompts, every N-th eval (steps divisible by
+        ``eval_every * N``) and at the last step; 0 = never. Needs ``eval.judge``.
       nan_policy: ``skip`` (drop the update, count it) or ``stop`` (save the batch ids and stop).
       seq_chunk, vocab_chunk: chunk sizes of :func:`jaxpref.logprobs.sequence_logprobs`.
       prefetch: batches drawn and placed on the device ahead of the running step, in a background
@@ -287,6 +290,7 @@ class TrainLoopConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_batch_size: int = 8
+    win_rate_every: int = 0
     nan_policy: str = "skip"
     seq_chunk: int = 128
     vocab_chunk: int = 8192
@@ -295,6 +299,8 @@ class TrainLoopConfig:
     def __post_init__(self):
         if self.prefetch < 0:
             raise ConfigError(f"train.prefetch={self.prefetch!r}: expected >= 0 (0 = no prefetch thread)")
+        if self.win_rate_every < 0:
+            raise ConfigError(f"train.win_rate_every={self.win_rate_every!r}: expected >= 0 (0 = never)")
         if self.eval_every < 0 or self.eval_batch_size < 1:
             bad = "eval_every" if self.eval_every < 0 else "eval_batch_size"
             raise ConfigError(f"train.{bad}={getattr(self, bad)!r}: expected "
@@ -321,6 +327,31 @@ class CheckpointConfig:
     async_save: bool = True
     keep_best: str | None = None
     keep_best_mode: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The judge win rate logged during preference training (``train.win_rate_every``), as ``eval.win_rate``
+    computes it: one response per prompt from the policy and from the initial reference (the same seed per
+    prompt), judged in a seeded random order, ties counted ½, a seeded percentile bootstrap interval.
+
+    Attributes:
+      win_rate_prompts: the first N held-out prompts.
+      judge: ``module:function``, ``path/file.py:function`` or ``rm:RUN_DIR[@STEP]`` (see ``eval.win_rate``).
+      max_new_tokens: sampled response length limit.
+      temperature: sampling temperature (0 = greedy).
+      max_prompt_length: prompts longer than this lose their oldest tokens.
+      batch_size: prompts per generation call.
+      seed: sampling, position and bootstrap seed.
+    """
+
+    win_rate_prompts: int = 64
+    judge: str = ""
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    max_prompt_length: int = 256
+    batch_size: int = 8
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -397,6 +428,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wro: WROConfig = field(default_factory=WROConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _CHOICES = {

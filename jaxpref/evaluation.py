@@ -381,10 +381,14 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
 
 def load_prompts(source: str | os.PathLike, *, format: str | None = None, split: str | None = None,
                  limit: int | None = None, prompt_field: str = "prompt") -> tuple[list[str], list[Any]]:
-    """``(ids, prompts)`` from a ``.txt`` file (one prompt per line), rows with a ``prompt`` field, or
-    any preference / SFT dataset the data pipeline reads (its normalised prompts)."""
+    """``(ids, prompts)`` from a ``.txt`` file (one prompt per line), rows with a ``prompt`` field, any
+    preference / SFT dataset the data pipeline reads (its normalised prompts), or ``heldout:RUN_DIR`` (the
+    prompts of a run's held-out rows)."""
     path = pathlib.Path(source)
-    if path.suffix == ".txt" and path.is_file():
+    if data_split.is_heldout_spec(source):  # the prompts of a run's held-out rows
+        records = data_split.heldout_source(str(source))[0]
+        ids, prompts = [r.id for r in records], [r.prompt for r in records]
+    elif path.suffix == ".txt" and path.is_file():
         lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
         ids, prompts = [f"line:{i}" for i in range(len(lines))], lines
     else:

@@ -23,6 +23,9 @@ from jaxpref.testing.tokenizers import make_tokenizer
 from jaxpref.training import eval_during, loop
 
 STEPS, EVERY = 4, 2
+JUDGE = "jaxpref.testing.judges:length_judge"
+WIN_RATE = ["train.win_rate_every=2", f"eval.judge={JUDGE}", "eval.win_rate_prompts=4", "eval.max_new_tokens=8",
+            "eval.max_prompt_length=32", "eval.batch_size=4"]  # judged at steps 0 and 4
 COMMON = ["data.max_length=64", "data.buckets=[64]", "train.seq_chunk=32", "train.vocab_chunk=256",
           "logging.progress=false", "optim.lr=1e-2", "checkpoint.async_save=false"]
 
@@ -51,7 +54,7 @@ def _dpo_config(run, hf_dir, hh, *extra):
         f"run_dir={run}", f"data.train={hh}", f"model.source=hf:{hf_dir}", "data.limit=40", "data.eval_split=0.2",
         f"train.eval_every={EVERY}", "train.batch_size=8", f"train.steps={STEPS}", "checkpoint.every=2",
         "checkpoint.keep=1", "checkpoint.keep_best=eval/loss", "checkpoint.keep_best_mode=max",
-        "loss=[{name: sigmoid, hparams: {beta: 0.1}}]", *COMMON, *extra])
+        "loss=[{name: sigmoid, hparams: {beta: 0.1}}]", *WIN_RATE, *COMMON, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +164,11 @@ def test_eval_rows_at_every_eval_step_with_their_own_time(dpo):
                     "eval/chosen_change_mean", "eval/rejected_change_mean", "eval/fraction_chosen_displaced"):
             assert np.isfinite(r[key]), key
     assert rows[0]["eval/chosen_change_mean"] == 0 and rows[0]["eval/loss"] == pytest.approx(np.log(2), rel=1e-6)
-    # the scorer compiled before step 0 (initial scores) and the metrics at the first eval: nothing after
+    # the scorer and the reference's sampler compiled before step 0, the metrics and the policy's sampler at
+    # the first eval: nothing after (the win rate of step 4 included)
+    assert rows[0]["eval/compiles"] > 0 and "eval/win_rate" in rows[STEPS]
     assert all(rows[s]["eval/compiles"] == 0 for s in rows if s > 0), {s: r["eval/compiles"] for s, r in rows.items()}
-    assert summary["eval"]["compiles"] <= 3 and summary["eval_s"] > 0
+    assert summary["eval"]["compiles"] >= rows[0]["eval/compiles"] and summary["eval_s"] > 0
     assert summary["eval"]["last"]["step"] == STEPS
     train_rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert not any("eval/loss" in r and "loss" in r for r in train_rows)  # eval rows are their own lines
@@ -172,8 +177,9 @@ def test_eval_rows_at_every_eval_step_with_their_own_time(dpo):
 
 
 def test_eval_numbers_equal_the_eval_scripts_on_the_same_checkpoint_and_rows(dpo, hf_dir, tmp_path):
-    """eval.ranking --reference (initial policy = the HF directory) and eval.displacement on heldout:RUN."""
-    from eval import displacement, ranking
+    """eval.ranking --reference (initial policy = the HF directory) and eval.win_rate against it on
+    heldout:RUN; the displacement numbers from eval.ranking's per-example log-probs of model and reference."""
+    from eval import ranking, win_rate
 
     run, _, rows = dpo
     steps = [STEPS]  # the last checkpoint (each step costs two scoring passes and plots)
@@ -198,14 +204,24 @@ def test_eval_numbers_equal_the_eval_scripts_on_the_same_checkpoint_and_rows(dpo
         assert e["eval/loss"] == pytest.approx(np.mean(np.logaddexp(0, -0.1 * margin)), rel=1e-4)
         assert e["eval/rewards/margins"] == pytest.approx(0.1 * margin.mean(), rel=1e-4, abs=1e-4)
         assert e["eval/rewards/accuracies"] == pytest.approx(np.mean(margin > 0))
-    got = displacement.main(["--run", str(run), "--data", f"heldout:{run}", "--out", str(tmp_path / "disp"),
-                             "--steps", *map(str, steps), "--no-progress"])
-    by_step = {r["step"]: r for r in got["per_step"]}
-    for s in [0, *steps]:
-        e, d = rows[s], by_step[s]
-        for key in ("chosen_logp_mean", "rejected_logp_mean", "chosen_change_mean", "rejected_change_mean",
-                    "fraction_chosen_displaced"):
-            assert e[f"eval/{key}"] == pytest.approx(d[key], rel=1e-5, abs=1e-4), (s, key)
+    wr = win_rate.main(["--policy", f"run:{run}@{STEPS}", "--competitor", f"hf:{hf_dir}", "--judge", JUDGE,
+                        "--prompts", f"heldout:{run}", "--limit", "4", "--max-new-tokens", "8", "--max-prompt-length",
+                        "32", "--batch-size", "4", "--out", str(tmp_path / "wr"), "--no-progress"])
+    assert wr["n_prompts"] == 4
+    for key in ("win_rate", "ci_low", "ci_high"):  # the same samples and verdicts: equal up to float rounding
+        assert rows[STEPS]["eval/" + key.replace("ci_", "win_rate_ci_")] == pytest.approx(wr[key], abs=1e-6), key
+    assert "eval/win_rate" in rows[0] and "eval/win_rate" not in rows[2]
+    # likelihood displacement since step 0 (the reference is the initial policy): what eval.displacement
+    # computes from the same two scorings (mean change, share of pairs whose chosen log-prob fell)
+    per = [json.loads(x) for x in (tmp_path / f"rank{STEPS}" / "per_example.jsonl").read_text().splitlines()]
+    lp = np.array([[r["chosen_logp"], r["rejected_logp"]] for r in per])
+    lp0 = np.array([[r["ref_chosen_logp"], r["ref_rejected_logp"]] for r in per])
+    e = rows[STEPS]
+    assert e["eval/chosen_logp_mean"] == pytest.approx(lp[:, 0].mean(), rel=1e-5)
+    assert e["eval/rejected_logp_mean"] == pytest.approx(lp[:, 1].mean(), rel=1e-5)
+    assert e["eval/chosen_change_mean"] == pytest.approx((lp - lp0)[:, 0].mean(), rel=1e-5, abs=1e-4)
+    assert e["eval/rejected_change_mean"] == pytest.approx((lp - lp0)[:, 1].mean(), rel=1e-5, abs=1e-4)
+    assert e["eval/fraction_chosen_displaced"] == pytest.approx(np.mean(lp[:, 0] < lp0[:, 0]))
 
 
 def test_keep_best_keeps_the_best_eval_step_beside_the_last(dpo):

@@ -118,6 +118,49 @@ def pair_metrics(sums, counts, init_sums, ref_sums, loss_ref_sums, votes, tie, b
 
 
 @dataclasses.dataclass
+class WinRateProbe:
+    """``eval/win_rate`` (+ ``_ci_low`` / ``_ci_high``, a 95 % percentile bootstrap) of the policy against
+    the initial reference on held-out prompts, computed as ``eval.win_rate`` does (:class:`jaxpref.config.EvalConfig`).
+
+    The reference's responses are sampled once (:meth:`reference_responses`); each probe samples the
+    policy's with the same per-prompt seeds (:func:`jaxpref.evaluation.generate_responses`).
+    """
+
+    prompts: list
+    judge: Callable
+    tokenizer: Any
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    max_prompt_length: int = 256
+    chat_template: bool = True
+    batch_size: int = 8
+    seed: int = 0
+    reference: list[str] | None = None
+
+    def _generate(self, model, desc: str) -> list[str]:
+        from jaxpref.data.tokenize import TokenizeConfig
+        from jaxpref.evaluation import generate_responses
+
+        tcfg = TokenizeConfig(max_length=self.max_prompt_length + 1, chat_template=self.chat_template)
+        return generate_responses(model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
+                                  temperature=self.temperature, seed=self.seed, batch_size=self.batch_size,
+                                  tokenize=tcfg, progress=False, desc=desc)
+
+    def reference_responses(self, model) -> None:
+        self.reference = self._generate(model, "eval reference")
+
+    def __call__(self, model) -> dict[str, float]:
+        policy = self._generate(model, "eval policy")
+        swaps = M.position_swaps(len(self.prompts), self.seed)
+        first, second = M.order_pair(policy, self.reference, swaps)
+        p = M.unswap(np.asarray(self.judge(self.prompts, first, second), np.float64), swaps)
+        values, keep = (np.asarray(x) for x in M.verdict_values(jnp.asarray(p)))
+        lo, hi = M.bootstrap_ci(values, keep, seed=self.seed)
+        return {"eval/win_rate": float(M.win_rate(jnp.asarray(p)).mean), "eval/win_rate_ci_low": lo,
+                "eval/win_rate_ci_high": hi}
+
+
+@dataclasses.dataclass
 class PreferenceEvaluator:
     """``evaluator(step, state) -> {"eval/...": float}`` on held-out pairs (module docstring).
 
@@ -131,6 +174,7 @@ class PreferenceEvaluator:
       batch_size: pairs per scoring batch (``train.eval_batch_size``).
       chunks: ``seq_chunk`` / ``vocab_chunk``.
       current_reference: ``() -> params`` of a reference that changes during training (TR-DPO), else None.
+      win_rate: a :class:`WinRateProbe` run at steps divisible by ``win_rate_steps`` and at ``last_step``.
     """
 
     pairs: Any
@@ -143,6 +187,9 @@ class PreferenceEvaluator:
     batch_size: int = 8
     chunks: dict = dataclasses.field(default_factory=dict)
     current_reference: Callable[[], Any] | None = None
+    win_rate: WinRateProbe | None = None
+    win_rate_steps: int = 0
+    last_step: int = -1
     postfix: str = "eval/loss"
     compiles: int = 0
     init_sums: np.ndarray | None = None
@@ -167,6 +214,9 @@ class PreferenceEvaluator:
     def prepare(self, run_dir: pathlib.Path, initial_params, reference_params, *, resume: bool) -> None:
         """Step-0 scores of the initial policy and the initial reference (``reference_params`` None: the
         initial policy), read from ``RUN_DIR/eval_initial.npz`` on resume, else computed and written."""
+        if self.win_rate is not None:  # the initial reference's responses, once per process (seeded)
+            ref = initial_params if reference_params is None else reference_params
+            self.win_rate.reference_responses(nnx.merge(self.graphdef, ref, self.rest))
         path = pathlib.Path(run_dir) / INITIAL_FILE
         rows = np.asarray(self.pairs.row, np.int64)
         if resume and path.is_file():
@@ -194,6 +244,11 @@ class PreferenceEvaluator:
                                 state.bco_delta)
             out = {k: float(v) for k, v in jax.device_get(out).items()}
         self.compiles += watch.compiles
+        if self.win_rate is not None and (step == self.last_step or
+                                          (self.win_rate_steps > 0 and step % self.win_rate_steps == 0)):
+            with CompileWatch() as watch:
+                out.update(self.win_rate(nnx.merge(self.graphdef, state.params, self.rest)))
+            self.compiles += watch.compiles
         return {**out, "eval/pairs": len(self.pairs)}
 
 

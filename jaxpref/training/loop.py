@@ -95,6 +95,7 @@ class Datasets:
       train: the tokenised training rows (held-out rows removed).
       eval: the tokenised held-out rows (``data.eval`` or ``data.eval_split``), or None.
       eval_has_votes: the held-out records carry vote shares.
+      eval_prompts: the held-out records' prompts, in order (the win-rate probe's).
       summary: rows kept / rejected, tokenisation stats and the hold-out (``summary.json``'s ``data``).
     """
 
@@ -102,6 +103,7 @@ class Datasets:
     eval: Any
     eval_has_votes: bool
     summary: dict[str, Any]
+    eval_prompts: list = dataclasses.field(default_factory=list)
 
 
 def _tokenize(kind: str, records, tokenizer, tok_cfg, rejects):
@@ -155,7 +157,7 @@ def load_datasets(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str, *
         raise RunError(f"held-out data {summary['eval']['source']}: no usable rows (see "
                        f"{run_dir / ('eval_rejects.jsonl' if d.eval else 'rejects.jsonl')})")
     has_votes = held is not None and any(getattr(r, "alpha", None) is not None for r in held)
-    return Datasets(tokenized, held_tok, has_votes, summary)
+    return Datasets(tokenized, held_tok, has_votes, summary, [r.prompt for r in held or []])
 
 
 def load_data(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str, *, resume: bool = False):
@@ -305,7 +307,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     evaluator = None
     if datasets.eval is not None:  # scores the initial policy (and reference) before a checkpoint is restored
         evaluator = make_evaluator(cfg, kind, datasets, graphdef, rest, mesh, comp=None if sample_terms else comp,
-                                   current_reference=(lambda: ref_params) if syncing else None)
+                                   current_reference=(lambda: ref_params) if syncing else None, tokenizer=tokenizer,
+                                   steps=steps)
         if kind == "preference":
             evaluator.prepare(run_dir, state.params, ref_params if cfg.reference.source else None, resume=resume)
     it = open_iterator(cfg, data, ref_samples=samples, packing=pack_spec(cfg, data, mesh))
@@ -427,7 +430,7 @@ def pack_spec(cfg: RunConfig, data, mesh) -> data_packing.PackSpec | None:
 
 
 def make_evaluator(cfg: RunConfig, kind: str, datasets: Datasets, graphdef, rest, mesh, *, comp=None,
-                   current_reference=None):
+                   current_reference=None, tokenizer=None, steps: int = -1):
     """The held-out evaluator of a preference or SFT run (:mod:`jaxpref.training.eval_during`)."""
     chunks = {"seq_chunk": cfg.train.seq_chunk, "vocab_chunk": cfg.train.vocab_chunk}
     if kind == "preference":
@@ -436,9 +439,31 @@ def make_evaluator(cfg: RunConfig, kind: str, datasets: Datasets, graphdef, rest
         return eval_during.PreferenceEvaluator(
             datasets.eval, datasets.eval_has_votes, graphdef, rest, comp,
             uses_reference=cfg.reference.strategy != "none", mesh=mesh, batch_size=cfg.train.eval_batch_size,
-            chunks=chunks, current_reference=current_reference)
+            chunks=chunks, current_reference=current_reference, win_rate=_win_rate_probe(cfg, datasets, tokenizer),
+            win_rate_steps=cfg.train.eval_every * cfg.train.win_rate_every, last_step=steps)
     return eval_during.SFTEvaluator(datasets.eval, graphdef, rest, mesh=mesh, batch_size=cfg.train.eval_batch_size,
                                     buckets=tuple(cfg.data.buckets), chunks=chunks)
+
+
+def _win_rate_probe(cfg: RunConfig, datasets: Datasets, tokenizer) -> eval_during.WinRateProbe | None:
+    """The judge win rate of ``train.win_rate_every`` (None when 0); RunError without a usable ``eval.judge``."""
+    if not cfg.train.win_rate_every:
+        return None
+    e = cfg.eval
+    if not e.judge:
+        raise RunError(f"train.win_rate_every={cfg.train.win_rate_every} needs a judge: set eval.judge "
+                       "(module:function, path/file.py:function or rm:RUN_DIR)")
+    from jaxpref.evaluation import load_judge
+    from jaxpref.loading import SpecError
+
+    try:
+        judge = load_judge(e.judge)
+    except SpecError as err:
+        raise RunError(f"eval.judge: {err}") from None
+    return eval_during.WinRateProbe(datasets.eval_prompts[: e.win_rate_prompts], judge, tokenizer,
+                                    max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+                                    max_prompt_length=e.max_prompt_length, chat_template=cfg.data.chat_template,
+                                    batch_size=e.batch_size, seed=e.seed)
 
 
 def open_checkpoints(cfg: RunConfig, run_dir: pathlib.Path, state, it, resume: bool):
