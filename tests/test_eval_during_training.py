@@ -328,21 +328,6 @@ def test_wro_prompt_split_and_evaluator_batches(tmp_path):
 # ------------------------------------------------------------------------------------ SFT and reward models
 
 
-@pytest.fixture(scope="module", params=["sft", "reward_model"])
-def small_run(request, tmp_path_factory, hf_dir, hh):
-    """A 2-step SFT or reward-model run with 4 of 20 rows held out, evaluated after every step."""
-    from jaxpref import reward_model
-
-    run = tmp_path_factory.mktemp("runs") / request.param
-    cfg = load_config(RunConfig, None, [
-        f"run_dir={run}", f"data.train={hh}", f"model.source=hf:{hf_dir}", "data.limit=20", "data.eval_split=0.2",
-        "train.batch_size=8", "train.steps=2", "train.eval_every=1", "logging.tensorboard=false", *COMMON])
-    summary = (loop.run_training(cfg, kind="sft") if request.param == "sft" else
-               reward_model.run_reward_training(cfg))
-    held, _, _, run_cfg = data_split.heldout_source(f"heldout:{run}")
-    return request.param, run, summary, _eval_rows(run), held, run_cfg
-
-
 def _right_padded(seqs) -> tuple[np.ndarray, np.ndarray]:
     """[N, T] ids and segment ids (1 on real tokens): causal attention, so padding after a sequence changes
     nothing before it."""
@@ -371,29 +356,53 @@ def _nll_and_tokens(model, prompts, responses) -> tuple[float, int]:
     return float(nll), sum(map(len, responses))
 
 
-def test_sft_and_reward_model_runs_evaluate_held_out_rows(small_run):
-    from jaxpref.data.tokenize import tokenize_pairs, tokenize_sft
-    from jaxpref.loading import load_model
-    from jaxpref.reward_model import load_reward_model
+@pytest.fixture(scope="module")
+def held_records(hh):
+    from jaxpref.data.formats import load_preferences
 
-    kind, run, summary, rows, held, cfg = small_run
-    assert sorted(rows) == [0, 1, 2] and len(held) == 4
-    assert summary["data"]["rows_kept"] + summary["data"]["eval"]["rows_kept"] <= 20
-    last = rows[2]
-    if kind == "sft":
-        model = load_model(f"run:{run}@2").model
-        ex = tokenize_sft(held, make_tokenizer(), loop.tokenize_config(cfg))
-        nll, tokens = _nll_and_tokens(model, ex.prompt, ex.response)
-        assert last["eval/examples"] == len(ex) == 4
-        assert last["eval/loss"] == pytest.approx(nll / tokens, rel=1e-5)  # float32 sums of ~200 log-probs
-        assert last["eval/perplexity"] == pytest.approx(np.exp(nll / tokens), rel=1e-4)
-    else:
-        model, tok, _ = load_reward_model(str(run))
-        pairs = tokenize_pairs(held, tok, loop.tokenize_config(cfg))
-        m = (_rewards(model, [np.concatenate([p, c]) for p, c in zip(pairs.prompt, pairs.chosen)])
-             - _rewards(model, [np.concatenate([p, j]) for p, j in zip(pairs.prompt, pairs.rejected)]))
-        assert last["eval/pairs"] == len(pairs) == 4
-        assert last["eval/loss"] == pytest.approx(np.mean(np.logaddexp(0, -m)), rel=1e-5, abs=1e-6)
-        assert last["eval/accuracy"] == pytest.approx(np.mean(m > 0))
-        assert last["eval/rewards/margins"] == pytest.approx(m.mean(), rel=1e-4, abs=1e-5)
-    assert summary["eval"]["last"]["step"] == 2 and all(rows[s]["eval/compiles"] == 0 for s in (1, 2))
+    return load_preferences(hh).records[:5]
+
+
+def test_sft_evaluator_is_the_held_out_token_mean_nll(hf_dir, held_records):
+    """train.sft's evaluator (padded buckets, chunked log-probs) against float64 log-softmax of full logits."""
+    from types import SimpleNamespace
+
+    from flax import nnx
+
+    from jaxpref.data.tokenize import TokenizeConfig, tokenize_sft
+    from jaxpref.loading import load_model
+
+    model = load_model(f"hf:{hf_dir}").model
+    ex = tokenize_sft(held_records, make_tokenizer(), TokenizeConfig(max_length=64))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ev = eval_during.SFTEvaluator(ex, graphdef, rest, batch_size=4, buckets=(64,),
+                                  chunks={"seq_chunk": 32, "vocab_chunk": 256})
+    out = ev(0, SimpleNamespace(params=params))
+    nll, tokens = _nll_and_tokens(model, ex.prompt, ex.response)
+    assert out["eval/examples"] == len(ex) == 5
+    assert out["eval/loss"] == pytest.approx(nll / tokens, rel=1e-5)  # float32 sums of ~250 log-probs
+    assert out["eval/perplexity"] == pytest.approx(np.exp(nll / tokens), rel=1e-4)
+
+
+def test_reward_evaluator_is_the_bradley_terry_loss_of_held_out_pairs(hf_dir, held_records):
+    """train.reward_model's evaluator (batched, padded) against rewards of each sequence scored unpadded."""
+    from types import SimpleNamespace
+
+    from flax import nnx
+
+    from jaxpref.data.tokenize import TokenizeConfig, tokenize_pairs
+    from jaxpref.loading import load_model
+    from jaxpref.reward_model import RewardModel, score_reward_pairs
+
+    rm = RewardModel(load_model(f"hf:{hf_dir}").model, seed=3)
+    pairs = tokenize_pairs(held_records, make_tokenizer(), TokenizeConfig(max_length=64))
+    graphdef, params, rest = nnx.split(rm, nnx.Param, ...)
+    ev = eval_during.RewardEvaluator(lambda p: score_reward_pairs(nnx.merge(graphdef, p, rest), pairs, batch_size=4,
+                                                                  buckets=(64,)), len(pairs))
+    out = ev(0, SimpleNamespace(params=params))
+    m = (_rewards(rm, [np.concatenate([p, c]) for p, c in zip(pairs.prompt, pairs.chosen)])
+         - _rewards(rm, [np.concatenate([p, j]) for p, j in zip(pairs.prompt, pairs.rejected)]))
+    assert out["eval/pairs"] == len(pairs) == 5
+    assert out["eval/loss"] == pytest.approx(np.mean(np.logaddexp(0, -m)), rel=1e-5, abs=1e-6)
+    assert out["eval/accuracy"] == pytest.approx(np.mean(m > 0))
+    assert out["eval/rewards/margins"] == pytest.approx(m.mean(), rel=1e-4, abs=1e-5)
