@@ -10,7 +10,8 @@ from jaxpref.data.tokenize import TokenizeConfig
 def add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     """``--data`` (local file or hub id) and how it is read and tokenised."""
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=required, help="preference pairs: local json/jsonl(.gz)/parquet or hub id")
+    g.add_argument("--data", required=required, help="preference pairs: local json/jsonl(.gz)/parquet, hub id, or "
+                                                     "heldout:RUN_DIR (the rows a training run held out)")
     g.add_argument("--format", default="auto", help="auto, explicit, hh, messages, votes, llmfao, pandalm")
     g.add_argument("--split", default=None, help="hub split (default train)")
     g.add_argument("--limit", type=int, default=None, help="first N pairs only")

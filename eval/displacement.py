@@ -5,7 +5,9 @@
 Scores the pairs under the run's **initial** policy (step 0: ``model.source`` rebuilt with the run's seed
 and overrides) and under every committed checkpoint, with the run's own tokenizer and tokenisation
 settings (``config.yaml``). ``--data`` defaults to the run's ``data.train`` (and ``--limit`` to its
-``data.limit``). The reference for flip categories and the DPO loss is ``reference.source`` when the run
+``data.limit``; with ``data.eval_split`` that includes the held-out rows); ``--data heldout:RUN_DIR``
+scores only the rows the run held out, the numbers ``train.eval_every`` logs as ``eval/...``. The
+reference for flip categories and the DPO loss is ``reference.source`` when the run
 set one, else the initial policy.
 
 Writes into ``--out``:
@@ -34,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="jaxpref run directory")
-    p.add_argument("--data", default=None, help="pairs (default: the run's data.train)")
+    p.add_argument("--data", default=None, help="pairs (default: the run's data.train); heldout:RUN_DIR for the "
+                                                 "rows the run held out")
     p.add_argument("--format", default=None, help="data format (default: the run's)")
     p.add_argument("--limit", type=int, default=None, help="first N pairs (default: the run's data.limit)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="checkpoint steps (default: all)")

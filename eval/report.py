@@ -2,8 +2,10 @@
 
     python -m eval.report --run RUN_DIR [--eval-dir DIR ...] [--out RUN_DIR/report]
 
-Plots the numeric columns of ``metrics.jsonl`` (grouped by prefix: loss, rewards/, logps/, norms, ...)
-as PNGs, then lists every result JSON under the run directory and the given ``--eval-dir`` s
+Plots the numeric columns of ``metrics.jsonl`` (grouped by prefix: loss, rewards/, logps/, norms, ...;
+the held-out ``eval/...`` rows of ``train.eval_every`` in their own groups: eval_loss, eval_ranking,
+eval_gap, eval_displacement, ...) over steps as PNGs, then lists every result JSON under the run
+directory and the given ``--eval-dir`` s
 (``summary.json``, ``ranking.json``, ``ches`` ``summary.json``, ``displacement.json``, ``win_rate.json``,
 ... -- checkpoints, TensorBoard files and the report itself are skipped) as tables of their scalar
 values, with the PNGs found next to them. Writes ``report.md`` and ``report.html`` into ``--out``.
@@ -26,6 +28,10 @@ MAX_ROWS = 60
 # tokens / pairs / nonfinite, SFT runs tokens / target_tokens). tests/test_demo.py checks them against real runs.
 STEP_KEY = "step"
 NOT_PLOTTED = ("tokens", "pairs", "nonfinite", "target_tokens")
+EVAL_PREFIX = "eval/"  # held-out rows logged during training (jaxpref.training.eval_during): their own plots
+EVAL_COUNTERS = ("eval/pairs", "eval/examples", "eval/prompts", "eval/compiles")  # not plotted either
+EVAL_GROUPS = (("gap", ("alignment_gap",)), ("ranking", ("ranking_accuracy", "R_star")),
+               ("displacement", ("_change_mean", "_logp_mean", "displaced")))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +55,12 @@ def _read_metrics(path: pathlib.Path) -> list[dict]:
 
 
 def _group(key: str) -> str:
+    if key.startswith(EVAL_PREFIX):
+        rest = key[len(EVAL_PREFIX):]
+        for name, parts in EVAL_GROUPS:
+            if any(p in rest for p in parts):
+                return EVAL_PREFIX + name
+        return EVAL_PREFIX + _group(rest)
     if key in ("loss",) or key.startswith("loss/"):
         return "loss"
     if key.endswith("_norm"):
@@ -65,7 +77,7 @@ def plot_curves(rows: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
     keys = sorted({k for r in rows for k, v in r.items() if k != STEP_KEY and isinstance(v, int | float)})
     groups: dict[str, list[str]] = {}
     for k in keys:
-        if k in NOT_PLOTTED:
+        if k in NOT_PLOTTED or k in EVAL_COUNTERS:
             continue
         groups.setdefault(_group(k), []).append(k)
     plt = pyplot()
@@ -74,8 +86,8 @@ def plot_curves(rows: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for k in ks[:12]:
             pts = [(r[STEP_KEY], r[k]) for r in rows if isinstance(r.get(k), int | float) and math.isfinite(r[k])]
-            if pts:
-                ax.plot(*zip(*pts), label=k, lw=1.2)
+            if pts:  # eval rows are sparse (every train.eval_every steps): markers
+                ax.plot(*zip(*pts), "o-" if k.startswith(EVAL_PREFIX) else "-", label=k, lw=1.2, ms=3)
         ax.set(xlabel="step", title=name)
         if any(k == "lr" for k in ks) or name == "norms":
             ax.set_yscale("symlog" if name == "norms" else "linear")

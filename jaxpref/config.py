@@ -81,7 +81,11 @@ class DataConfig:
 
     Attributes:
       train: local path (json/jsonl(.gz)/parquet) or HF hub id of the training pairs.
-      eval: optional held-out pairs (same syntax).
+      eval: optional held-out pairs (same syntax), evaluated during training (``train.eval_every``).
+      eval_split: hold out this fraction of ``train``'s records (after ``limit``) instead, ``0 < f < 1``
+        (0 = none): seeded by ``split_seed``, disjoint from the training rows, recorded in
+        ``RUN_DIR/eval_split.json`` and kept on resume (:mod:`jaxpref.data.split`). Exclusive with ``eval``.
+      split_seed: seed of ``eval_split`` (None = ``train.seed``).
       split: split for hub datasets.
       format: ``auto``, ``explicit``, ``hh``, ``messages``, ``votes``, ``llmfao``, ``pandalm``,
         ``sft`` (prompt/response demonstrations).
@@ -106,6 +110,8 @@ class DataConfig:
 
     train: str = ""
     eval: str | None = None
+    eval_split: float = 0.0
+    split_seed: int | None = None
     split: str = "train"
     format: str = "auto"
     fields: dict[str, str] = field(default_factory=dict)
@@ -124,6 +130,11 @@ class DataConfig:
         """The limits batching and tokenisation need, checked before anything is loaded."""
         if self.max_length < 2:
             raise ConfigError(f"data.max_length={self.max_length!r}: expected >= 2")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ConfigError(f"data.eval_split={self.eval_split!r}: expected a fraction in [0, 1) (0 = no hold-out)")
+        if self.eval_split and self.eval:
+            raise ConfigError(f"data.eval={self.eval!r} and data.eval_split={self.eval_split!r}: give held-out data "
+                              "one way (a file, or a fraction of data.train)")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             raise ConfigError(f"data.max_prompt_length={self.max_prompt_length!r}: expected in [1, data.max_length)")
         if not self.packing and (not self.buckets or list(self.buckets) != sorted(set(self.buckets))
@@ -262,7 +273,12 @@ class TrainLoopConfig:
       micro_batches: gradient-accumulation micro-batches per step (divides ``batch_size``).
       seed: seeds init, dropout-free sampling and data order.
       log_every: metrics cadence in steps.
-      eval_every: eval cadence in steps (0 = only at the end, if ``data.eval`` is set).
+      eval_every: held-out evaluation every N steps, and at step 0 and the last step (0 = only at the
+        last step); needs ``data.eval`` or ``data.eval_split`` (:mod:`jaxpref.training.eval_during`).
+      eval_batch_size: pairs (or examples) per eval forward (packed: their tokens, on average).
+      win_rate_every: preference runs: also the judge win rate of the policy against the initial reference
+        on ``eval.win_rate_prompts`` held-out prompts, every N-th eval (steps divisible by
+        ``eval_every * N``) and at the last step; 0 = never. Needs ``eval.judge``.
       nan_policy: ``skip`` (drop the update, count it) or ``stop`` (save the batch ids and stop).
       seq_chunk, vocab_chunk: chunk sizes of :func:`jaxpref.logprobs.sequence_logprobs`.
       prefetch: batches drawn and placed on the device ahead of the running step, in a background
@@ -276,6 +292,8 @@ class TrainLoopConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0
+    eval_batch_size: int = 8
+    win_rate_every: int = 0
     nan_policy: str = "skip"
     seq_chunk: int = 128
     vocab_chunk: int = 8192
@@ -284,6 +302,12 @@ class TrainLoopConfig:
     def __post_init__(self):
         if self.prefetch < 0:
             raise ConfigError(f"train.prefetch={self.prefetch!r}: expected >= 0 (0 = no prefetch thread)")
+        if self.win_rate_every < 0:
+            raise ConfigError(f"train.win_rate_every={self.win_rate_every!r}: expected >= 0 (0 = never)")
+        if self.eval_every < 0 or self.eval_batch_size < 1:
+            bad = "eval_every" if self.eval_every < 0 else "eval_batch_size"
+            raise ConfigError(f"train.{bad}={getattr(self, bad)!r}: expected "
+                              f"{'>= 0 (0 = only at the end)' if bad == 'eval_every' else '>= 1'}")
 
 
 @dataclass(frozen=True)
@@ -292,13 +316,45 @@ class CheckpointConfig:
 
     Attributes:
       every: save every N steps (and always at the end); 0 = only at the end.
-      keep: how many checkpoints to keep.
+      keep: how many checkpoints to keep (the last ones).
       async_save: write in the background while training continues.
+      keep_best: an eval metric (``eval/loss``, ``eval/ranking_accuracy``, ...; the ``eval/`` prefix may be
+        left out): the checkpoint of the best eval step so far is also kept, beside the last ``keep``
+        (a checkpoint is written at an eval step that improves it). None = off.
+      keep_best_mode: ``max``, ``min`` or ``auto`` (``min`` for metrics named ``*loss*``, ``*gap*`` or
+        ``*displaced*``, else ``max``).
     """
 
     every: int = 100
     keep: int = 2
     async_save: bool = True
+    keep_best: str | None = None
+    keep_best_mode: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The judge win rate logged during preference training (``train.win_rate_every``), as ``eval.win_rate``
+    computes it: one response per prompt from the policy and from the initial reference (the same seed per
+    prompt), judged in a seeded random order, ties counted ½, a seeded percentile bootstrap interval.
+
+    Attributes:
+      win_rate_prompts: the first N held-out prompts.
+      judge: ``module:function``, ``path/file.py:function`` or ``rm:RUN_DIR[@STEP]`` (see ``eval.win_rate``).
+      max_new_tokens: sampled response length limit.
+      temperature: sampling temperature (0 = greedy).
+      max_prompt_length: prompts longer than this lose their oldest tokens.
+      batch_size: prompts per generation call.
+      seed: sampling, position and bootstrap seed.
+    """
+
+    win_rate_prompts: int = 64
+    judge: str = ""
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    max_prompt_length: int = 256
+    batch_size: int = 8
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -375,6 +431,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wro: WROConfig = field(default_factory=WROConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _CHOICES = {
@@ -388,6 +445,7 @@ _CHOICES = {
     "model.remat_policy": ("full", "dots_no_batch", "dots"),
     "model.attention": ("auto", "xla", "blocked", "cudnn", "splash", "pallas_gpu"),
     "train.nan_policy": ("skip", "stop"),
+    "checkpoint.keep_best_mode": ("auto", "max", "min"),
     "wro.competitor": ("reference", "self_play", "dataset"),
     "wro.dataset_responses": ("chosen", "rejected", "both"),
     "wro.h": ("identity", "logit", "log"),

@@ -47,6 +47,7 @@ from flax import nnx
 from jaxpref import logprobs, parallel
 from jaxpref.compile_cache import CompileWatch
 from jaxpref.data import formats as data_formats
+from jaxpref.data import split as data_split
 from jaxpref.data.batching import pair_batch
 from jaxpref.data.packing import pack_sequences
 from jaxpref.data.sources import DataError, load_rows
@@ -110,23 +111,29 @@ def load_eval_pairs(source: str | os.PathLike, tokenizer, *, format: str | None 
     """Load -> normalise -> (first ``limit`` records) -> tokenise, as training does.
 
     Args:
-      source: local file or hub id.
+      source: local file or hub id, or ``heldout:RUN_DIR``: the held-out rows of a training run
+        (:func:`jaxpref.data.split.heldout_source`; ``format``, ``split`` and ``fields`` are then the run's).
       format: data format or preset (``auto``/None detects; ``pandalm`` / ``llmfao`` give votes).
       split: hub split.
       limit: keep the first N normalised records.
       tokenize: :class:`TokenizeConfig` (default: the training defaults).
       fields: field-name mapping (see :func:`jaxpref.data.format_config`).
     """
-    fmt = data_formats.format_config(None if format in (None, "auto") else format, fields=fields)
-    data = data_formats.load_preferences(source, fmt, split=split)
-    if data.config.format == "sft":
+    if data_split.is_heldout_spec(source):  # a run's held-out rows, read with the run's data settings
+        records, rejects, _, _ = data_split.heldout_source(str(source))
+        fmt_name = "sft" if records and isinstance(records[0], data_formats.SFTRecord) else "pairs"
+    else:
+        fmt = data_formats.format_config(None if format in (None, "auto") else format, fields=fields)
+        data = data_formats.load_preferences(source, fmt, split=split)
+        records, rejects, fmt_name = data.records, data.rejects, data.config.format
+    if fmt_name == "sft":
         raise DataError(f"{source}: holds demonstrations (prompt/response), not preference pairs")
-    records = data.records[:limit] if limit else data.records
-    pairs = tokenize_pairs(records, tokenizer, tokenize or TokenizeConfig(), rejects=data.rejects)
+    records = records[:limit] if limit else records
+    pairs = tokenize_pairs(records, tokenizer, tokenize or TokenizeConfig(), rejects=rejects)
     if len(pairs) == 0:
-        raise DataError(f"{source}: no usable pairs ({data.rejects.summary()})")
+        raise DataError(f"{source}: no usable pairs ({rejects.summary()})")
     by_id = {r.id: r for r in records}
-    return EvalData(source=str(source), records=[by_id[i] for i in pairs.ids], pairs=pairs, rejects=data.rejects,
+    return EvalData(source=str(source), records=[by_id[i] for i in pairs.ids], pairs=pairs, rejects=rejects,
                     has_votes=any(r.alpha is not None for r in records))
 
 
@@ -374,10 +381,14 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
 
 def load_prompts(source: str | os.PathLike, *, format: str | None = None, split: str | None = None,
                  limit: int | None = None, prompt_field: str = "prompt") -> tuple[list[str], list[Any]]:
-    """``(ids, prompts)`` from a ``.txt`` file (one prompt per line), rows with a ``prompt`` field, or
-    any preference / SFT dataset the data pipeline reads (its normalised prompts)."""
+    """``(ids, prompts)`` from a ``.txt`` file (one prompt per line), rows with a ``prompt`` field, any
+    preference / SFT dataset the data pipeline reads (its normalised prompts), or ``heldout:RUN_DIR`` (the
+    prompts of a run's held-out rows)."""
     path = pathlib.Path(source)
-    if path.suffix == ".txt" and path.is_file():
+    if data_split.is_heldout_spec(source):  # the prompts of a run's held-out rows
+        records = data_split.heldout_source(str(source))[0]
+        ids, prompts = [r.id for r in records], [r.prompt for r in records]
+    elif path.suffix == ".txt" and path.is_file():
         lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
         ids, prompts = [f"line:{i}" for i in range(len(lines))], lines
     else:

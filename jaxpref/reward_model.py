@@ -40,6 +40,7 @@ from jaxpref.loading import SpecError, load_tokenizer, parse_run_spec, single_de
 from jaxpref.training import checkpoint as ckpt
 from jaxpref.training import loop, optim
 from jaxpref.training import step as steplib
+from jaxpref.training.eval_during import RewardEvaluator
 from jaxpref.training.logging import progress_bar
 from jaxpref.types import PairBatch
 
@@ -157,7 +158,8 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
                            extra_meta={"reward_model": {"head": "linear_last_token", "loss": "bradley_terry"}})
     run_dir, tokenizer = setup.run_dir, setup.tokenizer
 
-    data, data_summary = loop.load_data(cfg, tokenizer, run_dir, "preference")
+    datasets = loop.load_datasets(cfg, tokenizer, run_dir, "preference", resume=resume)
+    data, data_summary = datasets.train, datasets.summary
     steps = loop.total_steps(cfg, len(data))
     rm = RewardModel(setup.loaded.model, seed=cfg.train.seed)
     graphdef, params, rest = steplib.split_model(rm)
@@ -165,6 +167,11 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
     state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
     it = loop.open_iterator(cfg, data)
     checkpointer, state, start = loop.open_checkpoints(cfg, run_dir, state, it, resume)
+    evaluator = None
+    if datasets.eval is not None:  # held-out pairs (data.eval / data.eval_split) every train.eval_every steps
+        evaluator = RewardEvaluator(lambda p: score_reward_pairs(
+            nnx.merge(graphdef, p, rest), datasets.eval, batch_size=cfg.train.eval_batch_size,
+            buckets=tuple(cfg.data.buckets), mesh=mesh), len(datasets.eval))
 
     fn = loop.make_train_step(cfg, "reward", graphdef, rest, optimizer)
     state_sh = parallel.tree_shardings(state)
@@ -176,28 +183,14 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
     result = loop.run_steps(cfg, run_dir, state=state, it=it, checkpointer=checkpointer, call=call, steps=steps,
                             start=start, resume=resume, schedule=schedule, ckpt_meta={"config": to_dict(cfg)},
                             desc="reward model", postfix=("loss", "accuracy"),
-                            place=lambda batch: parallel.shard_batch(batch, mesh))
+                            place=lambda batch: parallel.shard_batch(batch, mesh), evaluator=evaluator)
     state, last = result.state, result.last
     summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
-               "skipped_updates": int(state.skipped), "seconds": result.seconds, **result.timing()}
-    if cfg.data.eval:
-        summary["eval"] = _evaluate(cfg, nnx.merge(graphdef, state.params, rest), tokenizer, mesh)
+               "skipped_updates": int(state.skipped), "seconds": result.seconds, **result.timing(),
+               **result.eval_summary()}
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-def _evaluate(cfg: RunConfig, model: RewardModel, tokenizer, mesh) -> dict[str, float]:
-    """Pairwise accuracy and BT loss on ``data.eval``."""
-    from jaxpref.evaluation import load_eval_pairs
-
-    data = load_eval_pairs(cfg.data.eval, tokenizer, format=cfg.data.format, split=cfg.data.split,
-                           tokenize=loop.tokenize_config(cfg), fields=cfg.data.fields or None)
-    r = score_reward_pairs(model, data.pairs, batch_size=cfg.reference.batch_size, buckets=tuple(cfg.data.buckets),
-                           mesh=mesh)
-    margin = r[:, 0] - r[:, 1]
-    return {"n_pairs": int(len(margin)), "accuracy": float(np.mean(margin > 0)),
-            "loss": float(np.mean(np.logaddexp(0.0, -margin))), "rewards/margins": float(np.mean(margin))}
 
 
 # ------------------------------------------------------------------------------------ loading and judging

@@ -74,7 +74,7 @@ def files(tmp_path_factory, shared_data) -> dict[str, pathlib.Path]:
 
 def _train_args(f, *extra) -> list[str]:
     return ["--config", str(REPO / "configs" / "base.yaml"), f"data.train={f['hh']}", "data.limit=8",
-            "train.steps=1", "data.max_length=64", "data.buckets=[64]", "train.batch_size=2",
+            "data.eval_split=0", "train.steps=1", "data.max_length=64", "data.buckets=[64]", "train.batch_size=2",
             f"run_dir={f['tmp']}/run_out", "logging.progress=false", "logging.tensorboard=false",
             f"reference.cache_dir={f['tmp']}/ref_cache", *extra]
 

@@ -89,7 +89,8 @@ def test_normalisation():
 
 # Exact counts of the public checkpoints, computed on abstract (eval_shape) models: no memory.
 @pytest.mark.parametrize("name, expected", [
-    ("llama3_8b", 8_030_261_248), ("llama3_2_1b", 1_235_814_400), ("llama3_2_3b", 3_212_749_824), ("llama3_1_70b", 70_553_706_496),
+    ("llama3_8b", 8_030_261_248), ("llama3_2_1b", 1_235_814_400), ("llama3_2_3b", 3_212_749_824),
+    ("llama3_1_70b", 70_553_706_496),
     ("qwen2_5_7b", 7_615_616_512), ("mistral_7b", 7_241_732_096), ("gemma_2b", 2_506_172_416),
     ("qwen2_0_5b", 494_032_768), ("smollm2_135m", 134_515_008), ("gpt2_small", 124_439_808),
     ("pythia_160m", 162_322_944), ("stories260k", 260_032),

@@ -2,9 +2,10 @@
 
 The commands are read from the README's code block itself (so the README and this test cannot diverge),
 run as subprocesses in a scratch directory laid out like the repository (``configs/`` and
-``../shared/data``), with only size-limiting arguments appended: 1 step of 2 pairs at 64 tokens, 4
-evaluation pairs. The ``pip install`` line is not run (no network): it must be the pinned package, and
-that package must be installed (the test extras' README command installs it).
+``../shared/data``), with only size-limiting arguments appended: 1 step of 2 pairs at 64 tokens, at most 4
+evaluation pairs (the run's held-out rows: ``data.eval_split`` of the config). The ``pip install`` line is
+not run (no network): it must be the pinned package, and that package must be installed (the test extras'
+README command installs it).
 """
 
 from __future__ import annotations
@@ -66,15 +67,19 @@ def test_readme_real_model_commands_run(tmp_path, shared_data, subprocess_env):
                               text=True, timeout=900)
         assert proc.returncode == 0, f"{shlex.join(argv)}\n{proc.stderr[-4000:]}"
         assert "Traceback" not in proc.stderr
+    held_out = {}
     for run in ("smollm2_dpo", "smollm2_rpo"):
         summary = json.loads((work / "runs" / run / "summary.json").read_text())
-        assert summary["steps"] == 1 and summary["data"]["rows_kept"] == 8
+        held_out[run] = summary["data"]["eval"]["rows_kept"]  # data.eval_split of the config: never trained on
+        assert summary["steps"] == 1 and summary["data"]["rows_kept"] + summary["data"]["eval"]["rows_held_out"] == 8
+        assert summary["eval"]["last"]["step"] == 1 and "eval/ranking_accuracy" in summary["eval"]["last"]
         meta = json.loads((work / "runs" / run / "model.json").read_text())
         assert meta["hf_config"]["vocab_size"] == 49152 and meta["tokenizer"] == "gguf:smollm2-135m-instruct"
     rpo = json.loads((work / "runs" / "smollm2_rpo" / "summary.json").read_text())
     assert any("nll" in k for k in rpo["final_metrics"]), sorted(rpo["final_metrics"])  # the RPO loss ran
     ranking = json.loads((work / "out" / "rank" / "ranking.json").read_text())
-    assert ranking["n_pairs"] == 4 and 0.0 <= ranking["ranking_accuracy"] <= 1.0
+    assert ranking["n_pairs"] == min(4, held_out["smollm2_dpo"]) and 0.0 <= ranking["ranking_accuracy"] <= 1.0
+    assert ranking["data"] == "heldout:runs/smollm2_dpo"
 
 
 def test_readme_cpu_expectations_match_the_benchmark():

@@ -172,8 +172,9 @@ def tiny_gpt_neox(**kw) -> ModelConfig:
 
 
 PRESETS: dict[str, Callable[..., ModelConfig]] = {
-    f.__name__: f for f in (llama3_8b, llama3_2_1b, llama3_2_3b, llama3_1_70b, qwen2_5_7b, mistral_7b, qwen2_0_5b, smollm2_135m,
-                            gemma_2b, gpt2_small, pythia_160m, stories260k, tiny_llama, tiny_llama3, tiny_smollm2,
+    f.__name__: f for f in (llama3_8b, llama3_2_1b, llama3_2_3b, llama3_1_70b, qwen2_5_7b, mistral_7b, qwen2_0_5b,
+                            smollm2_135m, gemma_2b, gpt2_small, pythia_160m, stories260k, tiny_llama, tiny_llama3,
+                            tiny_smollm2,
                             tiny_mistral, tiny_qwen2, tiny_qwen2_tied, tiny_gemma, tiny_gpt2, tiny_gpt_neox)
 }
 TINY_PRESETS: tuple[str, ...] = tuple(name for name in PRESETS if name.startswith("tiny_"))

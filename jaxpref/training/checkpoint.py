@@ -44,11 +44,14 @@ class RunCheckpointer:
     Args:
       directory: the checkpoints directory (created if missing).
       every: save cadence in steps (0 = only explicit ``force`` saves).
-      keep: number of checkpoints to keep.
+      keep: number of checkpoints to keep (the last ones).
       async_save: write in a background thread.
+      keep_best: the run keeps a best checkpoint (``checkpoint.keep_best``) beside the last ``keep``: Orbax
+        then keeps every step and :meth:`prune` deletes the others.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, every: int = 100, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, every: int = 100, keep: int = 2, async_save: bool = True,
+                 keep_best: bool = False):
         self.directory = pathlib.Path(directory).expanduser().resolve()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -57,9 +60,10 @@ class RunCheckpointer:
             probe.unlink()
         except OSError as err:
             raise CheckpointError(f"checkpoint directory {self.directory} is not writable: {err.strerror}") from None
-        self.every = every
+        self.every, self.keep, self.keep_best = every, keep, keep_best
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=None if keep_best else keep, save_interval_steps=1, enable_async_checkpointing=async_save,
+            create=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
     def should_save(self, step: int) -> bool:
@@ -86,6 +90,19 @@ class RunCheckpointer:
         except OSError as err:
             raise self._disk_error(err, step) from None
         return True
+
+    def prune(self, best: int | None) -> list[int]:
+        """With ``keep_best``: deletes every committed step but the last ``keep`` and ``best``; returns them."""
+        if not self.keep_best:
+            return []
+        steps = self.all_steps()
+        protect = set(steps[-self.keep:] if self.keep > 0 else steps) | ({best} if best is not None else set())
+        drop = [s for s in steps if s not in protect]
+        if drop:
+            self.wait()  # never delete while a write is in flight
+            for s in drop:
+                self._mngr.delete(s)
+        return drop
 
     def _disk_error(self, err: OSError, step: int) -> CheckpointError:
         reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))

@@ -37,6 +37,7 @@ from jaxpref.config import ConfigError, RunConfig, save_config, to_dict
 from jaxpref.data import formats as data_formats
 from jaxpref.data import iterator as data_iterator
 from jaxpref.data import packing as data_packing
+from jaxpref.data import split as data_split
 from jaxpref.data import tokenize as data_tokenize
 from jaxpref.loading import (
     LoadedModel,
@@ -48,7 +49,7 @@ from jaxpref.loading import (
     model_meta,
 )
 from jaxpref.training import checkpoint as ckpt
-from jaxpref.training import optim, reference, reference_samples
+from jaxpref.training import eval_during, optim, reference, reference_samples
 from jaxpref.training import step as steplib
 from jaxpref.training.logging import AsyncMetrics, MetricsWriter, progress_bar
 from jaxpref.training.prefetch import Prefetcher
@@ -86,30 +87,83 @@ def tokenize_config(cfg: RunConfig) -> data_tokenize.TokenizeConfig:
                                         truncation=d.truncation, chat_template=d.chat_template, add_eos=d.add_eos)
 
 
-def load_data(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str):
-    """Load -> normalise -> tokenise; writes ``rejects.jsonl``; returns (tokenised, summary)."""
+@dataclasses.dataclass
+class Datasets:
+    """What :func:`load_datasets` hands a trainer.
+
+    Attributes:
+      train: the tokenised training rows (held-out rows removed).
+      eval: the tokenised held-out rows (``data.eval`` or ``data.eval_split``), or None.
+      eval_has_votes: the held-out records carry vote shares.
+      eval_prompts: the held-out records' prompts, in order (the win-rate probe's).
+      summary: rows kept / rejected, tokenisation stats and the hold-out (``summary.json``'s ``data``).
+    """
+
+    train: Any
+    eval: Any
+    eval_has_votes: bool
+    summary: dict[str, Any]
+    eval_prompts: list = dataclasses.field(default_factory=list)
+
+
+def _tokenize(kind: str, records, tokenizer, tok_cfg, rejects):
+    if kind == "sft":
+        return data_tokenize.tokenize_sft(records, tokenizer, tok_cfg, rejects=rejects)
+    return data_tokenize.tokenize_pairs(records, tokenizer, tok_cfg, rejects=rejects)
+
+
+def load_datasets(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str, *, resume: bool = False) -> Datasets:
+    """Load -> normalise -> hold out -> tokenise; writes ``rejects.jsonl`` (and ``eval_split.json`` /
+    ``eval_rejects.jsonl``). SFT accepts demonstrations (prompt/response) or pairs (their chosen side).
+
+    Held-out rows (:mod:`jaxpref.data.split`): ``data.eval_split`` removes a seeded fraction of the
+    train records (recorded in the run directory, the same on ``resume``); ``data.eval`` reads a file.
+    """
     d = cfg.data
     if not d.train:
         raise RunError("data.train is empty: give a dataset path or hub id")
-    # SFT accepts demonstrations (prompt/response) or pairs (trains on the chosen side).
     fmt = data_formats.format_config(None if d.format == "auto" else d.format, fields=d.fields or None)
     data = data_formats.load_preferences(d.train, fmt, split=d.split)
     records = data.records[: d.limit] if d.limit else data.records
+    held, held_rejects, split = None, data.rejects, None
+    if d.eval_split:
+        seed = cfg.train.seed if d.split_seed is None else d.split_seed
+        records, held, split = data_split.hold_out(records, fraction=d.eval_split, seed=seed, source=d.train,
+                                                   limit=d.limit, run_dir=run_dir, resume=resume,
+                                                   write=jax.process_index() == 0)
+    elif d.eval:
+        ev = data_formats.load_preferences(d.eval, fmt, split=d.split)
+        held, held_rejects = ev.records, ev.rejects
     tok_cfg = tokenize_config(cfg)
-    if kind == "sft":
-        tokenized = data_tokenize.tokenize_sft(records, tokenizer, tok_cfg, rejects=data.rejects)
-    else:
-        tokenized = data_tokenize.tokenize_pairs(records, tokenizer, tok_cfg, rejects=data.rejects)
+    tokenized = _tokenize(kind, records, tokenizer, tok_cfg, data.rejects)
+    held_tok = None if held is None else _tokenize(kind, held, tokenizer, tok_cfg, held_rejects)
     if jax.process_index() == 0:
         data.rejects.write(run_dir / "rejects.jsonl")
+        if d.eval:
+            held_rejects.write(run_dir / "eval_rejects.jsonl")
     summary = {"rows_kept": len(tokenized), "rows_rejected": len(data.rejects),
                "rejects_by_reason": data.rejects.counts() if hasattr(data.rejects, "counts") else {},
                "tokenize": dataclasses.asdict(tokenized.stats)}
+    if held_tok is not None:
+        summary["eval"] = {"source": d.eval or f"{d.train} (data.eval_split={d.eval_split})",
+                           "rows_held_out": len(held), "rows_kept": len(held_tok),
+                           **({"split_file": str(run_dir / data_split.SPLIT_FILE), "split_seed": split.seed}
+                              if split is not None else {})}
     log.info("data %s: %s; %s", d.train, tokenized.stats.summary(), data.rejects.summary()
              if hasattr(data.rejects, "summary") else f"{len(data.rejects)} rows rejected")
     if len(tokenized) == 0:
         raise RunError(f"data.train {d.train}: no usable rows (see {run_dir / 'rejects.jsonl'})")
-    return tokenized, summary
+    if held_tok is not None and len(held_tok) == 0:
+        raise RunError(f"held-out data {summary['eval']['source']}: no usable rows (see "
+                       f"{run_dir / ('eval_rejects.jsonl' if d.eval else 'rejects.jsonl')})")
+    has_votes = held is not None and any(getattr(r, "alpha", None) is not None for r in held)
+    return Datasets(tokenized, held_tok, has_votes, summary, [r.prompt for r in held or []])
+
+
+def load_data(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str, *, resume: bool = False):
+    """``(tokenised training rows, summary)`` of :func:`load_datasets` (held-out rows removed)."""
+    ds = load_datasets(cfg, tokenizer, run_dir, kind, resume=resume)
+    return ds.train, ds.summary
 
 
 def total_steps(cfg: RunConfig, n_rows: int) -> int:
@@ -235,7 +289,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     setup = setup_run(cfg, mesh, resume=resume)
     run_dir, tokenizer, model_json = setup.run_dir, setup.tokenizer, setup.model_json
 
-    data, data_summary = load_data(cfg, tokenizer, run_dir, kind)
+    datasets = load_datasets(cfg, tokenizer, run_dir, kind, resume=resume)
+    data, data_summary = datasets.train, datasets.summary
     steps = total_steps(cfg, len(data))
     graphdef, params, rest = steplib.split_model(setup.loaded.model)
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
@@ -247,9 +302,16 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     if sample_terms:  # drawn from the initial reference, before any checkpoint is restored
         sample_params = ref_params if ref_params is not None else _reference_params(cfg, state.params, mesh)
         samples = _sample_reference(cfg, graphdef, rest, sample_params, data, tokenizer)
+    syncing = kind == "preference" and cfg.reference.sync_every > 0  # live strategy (config check)
+    evaluator = None
+    if datasets.eval is not None:  # scores the initial policy (and reference) before a checkpoint is restored
+        evaluator = make_evaluator(cfg, kind, datasets, graphdef, rest, mesh, comp=None if sample_terms else comp,
+                                   current_reference=(lambda: ref_params) if syncing else None, tokenizer=tokenizer,
+                                   steps=steps)
+        if kind == "preference":
+            evaluator.prepare(run_dir, state.params, ref_params if cfg.reference.source else None, resume=resume)
     it = open_iterator(cfg, data, ref_samples=samples, packing=pack_spec(cfg, data, mesh))
     checkpointer, state, start = open_checkpoints(cfg, run_dir, state, it, resume)
-    syncing = kind == "preference" and cfg.reference.sync_every > 0  # live strategy (config check)
     if syncing:
         _check_syncable(cfg, ref_params, state.params)
         ref_params = _restore_synced_reference(cfg, checkpointer, ref_params, start)
@@ -290,7 +352,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     result = run_steps(cfg, run_dir, state=state, it=it, checkpointer=checkpointer, call=call, steps=steps,
                        start=start, resume=resume, schedule=schedule,
                        ckpt_meta={"config": to_dict(cfg), "model": model_json}, after_step=after_step, place=place,
-                       reference=(lambda: ref_params) if syncing else None)
+                       reference=(lambda: ref_params) if syncing else None, evaluator=evaluator)
     state, last, elapsed = result.state, result.last, result.seconds
     tokens_total = result.tokens
     summary = {"steps": steps, "resumed_from": start, "final_metrics": last, "data": data_summary,
@@ -298,7 +360,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
                "tokens_per_s": tokens_total / max(elapsed, 1e-9), **result.timing(),
                "reference_logps": None if ref_cache is None else
                {"cache": str(ref_cache.path), "computed": ref_cache.computed},
-               "reference_samples": None if samples is None else samples.summary()}
+               "reference_samples": None if samples is None else samples.summary(), **result.eval_summary()}
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -387,10 +449,48 @@ def pack_spec(cfg: RunConfig, data, mesh) -> data_packing.PackSpec | None:
     return spec
 
 
+def make_evaluator(cfg: RunConfig, kind: str, datasets: Datasets, graphdef, rest, mesh, *, comp=None,
+                   current_reference=None, tokenizer=None, steps: int = -1):
+    """The held-out evaluator of a preference or SFT run (:mod:`jaxpref.training.eval_during`)."""
+    chunks = {"seq_chunk": cfg.train.seq_chunk, "vocab_chunk": cfg.train.vocab_chunk}
+    if kind == "preference":
+        if comp is None:
+            log.warning("eval/loss is not computed: the loss needs reference samples of the held-out prompts")
+        return eval_during.PreferenceEvaluator(
+            datasets.eval, datasets.eval_has_votes, graphdef, rest, comp,
+            uses_reference=cfg.reference.strategy != "none", mesh=mesh, batch_size=cfg.train.eval_batch_size,
+            chunks=chunks, current_reference=current_reference, win_rate=_win_rate_probe(cfg, datasets, tokenizer),
+            win_rate_steps=cfg.train.eval_every * cfg.train.win_rate_every, last_step=steps)
+    return eval_during.SFTEvaluator(datasets.eval, graphdef, rest, mesh=mesh, batch_size=cfg.train.eval_batch_size,
+                                    buckets=tuple(cfg.data.buckets), chunks=chunks)
+
+
+def _win_rate_probe(cfg: RunConfig, datasets: Datasets, tokenizer) -> eval_during.WinRateProbe | None:
+    """The judge win rate of ``train.win_rate_every`` (None when 0); RunError without a usable ``eval.judge``."""
+    if not cfg.train.win_rate_every:
+        return None
+    e = cfg.eval
+    if not e.judge:
+        raise RunError(f"train.win_rate_every={cfg.train.win_rate_every} needs a judge: set eval.judge "
+                       "(module:function, path/file.py:function or rm:RUN_DIR)")
+    from jaxpref.evaluation import load_judge
+    from jaxpref.loading import SpecError
+
+    try:
+        judge = load_judge(e.judge)
+    except SpecError as err:
+        raise RunError(f"eval.judge: {err}") from None
+    return eval_during.WinRateProbe(datasets.eval_prompts[: e.win_rate_prompts], judge, tokenizer,
+                                    max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+                                    max_prompt_length=e.max_prompt_length, chat_template=cfg.data.chat_template,
+                                    batch_size=e.batch_size, seed=e.seed)
+
+
 def open_checkpoints(cfg: RunConfig, run_dir: pathlib.Path, state, it, resume: bool):
     """``(checkpointer, state, start_step)``; on ``resume`` restores the state and the iterator position."""
     checkpointer = ckpt.RunCheckpointer(run_dir / "checkpoints", every=cfg.checkpoint.every,
-                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                                        keep_best=bool(cfg.checkpoint.keep_best))
     start = 0
     if resume and checkpointer.latest_step() is not None:
         state, meta, start = checkpointer.restore(state)
@@ -425,19 +525,32 @@ class LoopResult:
     compiles: int = 0
     cache_loads: int = 0
     compile_s: float = 0.0
+    eval_s: float = 0.0
+    eval_compiles: int = 0
+    eval_compile_s: float = 0.0
+    eval_last: dict[str, Any] | None = None
+    best: dict[str, Any] | None = None
 
     def timing(self) -> dict[str, Any]:
-        """The ``summary.json`` timing record: compile time apart from steady-state throughput."""
-        steady = max(self.seconds - self.compile_s, 1e-9)
+        """The ``summary.json`` timing record: compile and eval time apart from steady-state throughput
+        (``compiles`` / ``compile_s`` include the evaluator's; ``eval_compiles`` counts those alone)."""
+        steady = max(self.seconds - (self.compile_s - self.eval_compile_s) - self.eval_s, 1e-9)
         return {"time_to_first_step_s": self.first_step_s, "compiles": self.compiles,
-                "cache_loads": self.cache_loads, "compile_s": self.compile_s,
+                "cache_loads": self.cache_loads, "compile_s": self.compile_s, "eval_s": self.eval_s,
                 "steady_tokens_per_s": self.tokens / steady}
+
+    def eval_summary(self) -> dict[str, Any]:
+        """``summary.json``'s ``eval`` record: the last eval row, the eval compiles and the best checkpoint."""
+        if self.eval_last is None:
+            return {}
+        return {"eval": {"last": self.eval_last, "compiles": self.eval_compiles, "seconds": self.eval_s,
+                         **({"best_checkpoint": self.best} if self.best is not None else {})}}
 
 
 def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer, call, steps: int, start: int,
               resume: bool, schedule, ckpt_meta: dict, after_step=None, desc: str = "train",
               postfix: tuple[str, ...] = ("loss", "tokens_per_s"), place=None,
-              reference: Callable[[], Any] | None = None) -> LoopResult:
+              reference: Callable[[], Any] | None = None, evaluator=None) -> LoopResult:
     """The step loop shared by every trainer: batches prefetched to the device
     (:mod:`jaxpref.training.prefetch`, ``train.prefetch`` ahead), metrics fetched one step late,
     logging, progress bar, the NaN stop policy, checkpoints (with the iterator state of the step's
@@ -451,6 +564,10 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
       after_step: optional ``after_step(step, state)`` hook (e.g. reference syncing).
       reference: ``reference() -> params`` saved with every checkpoint (after ``after_step`` ran), for
         runs whose reference changes (TR-DPO syncing); None: no reference item.
+      evaluator: ``evaluator(step, state) -> {"eval/...": float}`` on held-out data
+        (:mod:`jaxpref.training.eval_during`), run at step 0 and every ``train.eval_every`` steps (when
+        it is > 0) and at the last step; its rows are their own ``metrics.jsonl`` lines with ``eval/time_s``. With
+        ``checkpoint.keep_best`` an eval step that improves the metric is checkpointed and kept.
     """
     writer = MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
                            config=to_dict(cfg), resume_step=start if resume else None)
@@ -459,6 +576,12 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
     last: dict[str, Any] = {}
     tokens_total, t_start = 0.0, time.perf_counter()
     first_step_s = None
+    shown: dict[str, str] = {}  # the latest eval value on the progress bar
+    ev = _EvalState()
+    best = None
+    if evaluator is not None and cfg.checkpoint.keep_best:
+        best = eval_during.BestCheckpoint(run_dir, cfg.checkpoint.keep_best, cfg.checkpoint.keep_best_mode,
+                                          start=start, committed=checkpointer.all_steps())
 
     def record(item):
         nonlocal last, tokens_total, first_step_s
@@ -480,7 +603,21 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
         host.pop("_rows", None)
         if s % cfg.train.log_every == 0 or s == steps:
             last = writer.write(s, host)
-        bar.set_postfix({k: f"{host[k]:.4g}" for k in postfix if k in host})
+        bar.set_postfix({**{k: f"{host[k]:.4g}" for k in postfix if k in host}, **shown})
+
+    def evaluate(s, state) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        with CompileWatch() as w:
+            row = evaluator(s, state)
+        dt = time.perf_counter() - t0
+        ev.seconds, ev.compile_s = ev.seconds + dt, ev.compile_s + w.seconds
+        ev.last = {**row, "eval/time_s": dt, "eval/compiles": w.compiles + w.cache_loads}
+        ev.last = writer.write(s, ev.last)
+        key = getattr(evaluator, "postfix", None)
+        if key in row:
+            shown[key] = f"{row[key]:.4g}"
+            bar.set_postfix(shown)
+        return row
 
     # Fault injection for the reliability tests: SIGKILL before step N, or right after the
     # (asynchronous) checkpoint write of step N was started.
@@ -489,6 +626,8 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
     feed = Prefetcher(it, place, depth=cfg.train.prefetch) if start < steps else None
     watch = CompileWatch().__enter__()
     try:
+        if evaluator is not None and start == 0 and cfg.train.eval_every > 0:
+            evaluate(0, state)
         for s in range(start + 1, steps + 1):
             if s == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -503,11 +642,22 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
             bar.update(1)
             if after_step is not None:
                 after_step(s, state)
-            if checkpointer.should_save(s) or s == steps:
+            new_best = False
+            if evaluator is not None and eval_during.due(s, cfg.train.eval_every, steps):
+                record(pending.flush())  # the step's own time, without the eval's
+                row = evaluate(s, state)
+                try:
+                    new_best = best is not None and best.improves(row)
+                except ValueError as err:
+                    raise RunError(str(err)) from None
+            if checkpointer.should_save(s) or s == steps or new_best:
                 record(pending.flush())
                 meta = {"data_iterator": item.iterator_state, "step": s, **ckpt_meta}
-                checkpointer.save(s, state, meta, force=(s == steps),
+                checkpointer.save(s, state, meta, force=(s == steps or new_best),
                                   reference=None if reference is None else reference())
+                if new_best:
+                    best.update(s, ev.last)
+                checkpointer.prune(None if best is None else best.step)
                 if s == kill_after_save:
                     os.kill(os.getpid(), signal.SIGKILL)
         record(pending.flush())
@@ -524,7 +674,17 @@ def run_steps(cfg: RunConfig, run_dir: pathlib.Path, *, state, it, checkpointer,
 
         multihost_utils.sync_global_devices("jaxpref:end_of_training")
     return LoopResult(state, last, tokens_total, time.perf_counter() - t_start, first_step_s, watch.compiles,
-                      watch.cache_loads, watch.seconds)
+                      watch.cache_loads, watch.seconds, eval_s=ev.seconds, eval_compile_s=ev.compile_s,
+                      eval_compiles=getattr(evaluator, "compiles", 0), eval_last=ev.last,
+                      best=None if best is None or best.step is None else
+                      {"metric": best.metric, "mode": best.mode, "step": best.step, "value": best.value})
+
+
+@dataclasses.dataclass
+class _EvalState:
+    seconds: float = 0.0
+    compile_s: float = 0.0
+    last: dict[str, Any] | None = None
 
 
 def _positions(data, rows: np.ndarray) -> np.ndarray:

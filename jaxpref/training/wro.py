@@ -45,11 +45,12 @@ from jaxpref import parallel
 from jaxpref.config import RunConfig, to_dict
 from jaxpref.data import formats as data_formats
 from jaxpref.data.formats import SFTRecord
+from jaxpref.data.sources import DataError
 from jaxpref.data.tokenize import tokenize_sft
 from jaxpref.generation import SamplingConfig, generate, left_pad
 from jaxpref.loading import SpecError
 from jaxpref.losses import wro as wro_losses
-from jaxpref.training import loop, optim
+from jaxpref.training import eval_during, loop, optim
 from jaxpref.training import step as steplib
 from jaxpref.training.loop import RunError
 
@@ -502,6 +503,26 @@ def check_wro_config(cfg: RunConfig, n_batch_devices: int = 1, has_judge: bool =
             raise RunError(message)
 
 
+def _held_out_prompts(cfg: RunConfig, table: PromptTable, tokenizer, run_dir, resume: bool):
+    """``(training prompts, held-out prompts or None)``: ``data.eval_split`` of ``wro.prompts`` (seeded,
+    recorded in the run directory), or the prompts of the ``data.eval`` file."""
+    d = cfg.data
+    if d.eval_split:
+        seed = cfg.train.seed if d.split_seed is None else d.split_seed
+        try:
+            return eval_during.split_prompts(table, fraction=d.eval_split, seed=seed, source=cfg.wro.prompts,
+                                             limit=cfg.wro.prompts_limit, run_dir=run_dir, resume=resume)
+        except DataError as err:
+            raise RunError(f"wro.prompts: {err}") from None
+    if d.eval:
+        held = load_prompt_table(dataclasses.replace(cfg, wro=dataclasses.replace(cfg.wro, prompts=d.eval,
+                                                                                  prompts_limit=None)), tokenizer)
+        if len(held) == 0:
+            raise RunError(f"data.eval {d.eval}: no usable prompts ({held.n_rejected} rejected)")
+        return table, held
+    return table, None
+
+
 def run_wro(cfg: RunConfig, *, resume: bool = False, judge: TokenJudge | None = None) -> dict[str, Any]:
     """Runs (or resumes) WRO training (module docstring); returns the summary (also ``summary.json``).
 
@@ -527,6 +548,7 @@ def run_wro(cfg: RunConfig, *, resume: bool = False, judge: TokenJudge | None = 
                                                                  batch_size=cfg.wro.judge_batch_size)
     except SpecError as err:
         raise RunError(f"wro.judge: {err}") from None
+    table, eval_table = _held_out_prompts(cfg, table, tokenizer, run_dir, resume)
     collector = RolloutCollector(cfg, table, tokenizer, judge, judge_name)
 
     steps = loop.total_steps(cfg, len(table))
@@ -548,13 +570,22 @@ def run_wro(cfg: RunConfig, *, resume: bool = False, judge: TokenJudge | None = 
         state, metrics = jitted(rollout)(state, step_ref, rest, parallel.shard_batch(rollout, mesh))
         return state, {**metrics, **host}
 
+    evaluator = None
+    if eval_table is not None:  # judge win rate on held-out prompts (data.eval / data.eval_split)
+        evaluator = eval_during.WROEvaluator(
+            RolloutCollector(cfg, eval_table, tokenizer, judge, judge_name), cfg.train.batch_size,
+            lambda p: nnx.merge(graphdef, p, rest), reference,
+            lambda pos, key_step: PromptBatch(pos, eval_table.rows[pos], key_step))
     result = loop.run_steps(cfg, run_dir, state=state, it=it, checkpointer=checkpointer, call=call, steps=steps,
                             start=start, resume=resume, schedule=schedule,
                             ckpt_meta={"config": to_dict(cfg), "model": model_json}, desc="wro",
-                            postfix=("loss", "judge/win_rate", "kl"))
+                            postfix=("loss", "judge/win_rate", "kl"), evaluator=evaluator)
     summary = {"steps": steps, "resumed_from": start, "final_metrics": result.last,
                "prompts": {"source": cfg.wro.prompts, "kept": len(table), "rejected": table.n_rejected},
                "skipped_updates": int(result.state.skipped), "seconds": result.seconds,
-               "tokens_per_s": result.tokens / max(result.seconds, 1e-9), **result.timing()}
+               "tokens_per_s": result.tokens / max(result.seconds, 1e-9), **result.timing(),
+               **result.eval_summary()}
+    if eval_table is not None:
+        summary["prompts"]["held_out"] = len(eval_table)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
