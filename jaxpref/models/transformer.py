@@ -103,6 +103,7 @@ class CausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         return_logits: bool = False,
+        branch_ids: jax.Array | None = None,
     ) -> ModelOutput:
         """Forward pass.
 
@@ -116,12 +117,17 @@ class CausalLM(nnx.Module):
           cache: a :class:`KVCache`; this call's keys/values are written at ``cache.index``
             (the caller keeps ``index + T <= S``; out-of-range writes are clamped by XLA).
           return_logits: also compute [B, T, V] float32 logits.
+          branch_ids: [B, T] int shared-prompt pairs (``data.share_prompt``): 0 = a segment's prompt,
+            b > 0 = a response that attends to branch 0 and itself only (see
+            :class:`~jaxpref.models.attention.MaskSpec`); needs explicit ``positions``, no ``cache``.
 
         Returns:
           :class:`ModelOutput` with ``hidden`` [B, T, D] (compute dtype), ``logits`` and ``cache``.
         """
         cfg = self.config
         input_ids = jnp.asarray(input_ids, jnp.int32)
+        if branch_ids is not None and (cache is not None or positions is None):
+            raise ValueError("branch_ids (shared-prompt rows) need explicit positions and no KV cache")
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids)
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
@@ -140,7 +146,7 @@ class CausalLM(nnx.Module):
 
         if cache is None:
             kv, index = None, 0
-            mask = MaskSpec.self_attention(segment_ids, positions, sliding_window=cfg.sliding_window)
+            mask = MaskSpec.self_attention(segment_ids, positions, branch_ids, sliding_window=cfg.sliding_window)
         else:
             kv, index = (cache.k, cache.v), cache.index
             kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
