@@ -278,6 +278,28 @@ def _score_packed(graphdef, params, rest, ids, mask, segments, positions, branch
     return lp.sums, lp.counts
 
 
+MIN_REAL_FRACTION = 0.9
+
+
+def _pack_for_scoring(pairs: TokenizedPairs, batch_size: int, row_multiple: int, share_prompt: bool):
+    """Packs for :func:`score_pairs`: rows of :func:`ladder_length` of the longest item, or of the next ladder
+    length when that fills the rows better and the first falls short of :data:`MIN_REAL_FRACTION` (items
+    that are large next to the row, e.g. long shared-prompt rows, leave first-fit gaps)."""
+    lengths = shared_lengths(pairs) if share_prompt else pairs.lengths()
+    n = len(pairs)
+    per_pair = float(lengths.reshape(n, -1).sum(1).mean()) if n else 1.0  # tokens of a pair's items
+    t = ladder_length(int(lengths.max()) if n else 2)
+    best = None
+    for length in (t, 2 * t):
+        rows = max(1, round(batch_size * per_pair / length))
+        packed = pack_sequences(pairs, length, rows, row_multiple=row_multiple, share_prompt=share_prompt)
+        if best is None or packed.efficiency() > best.efficiency():
+            best = packed
+        if best.efficiency() >= MIN_REAL_FRACTION or length >= SEQ_LADDER[-1]:
+            break
+    return best
+
+
 SEQ_LADDER = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
@@ -300,8 +322,10 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
     segment (block-diagonal attention, positions restarting at 0), one forward and one chunked log-prob
     pass per batch of rows, then a segment sum (:func:`jaxpref.logprobs.segment_logprobs`). Batches hold
     about the real tokens of ``batch_size`` pairs, and a dataset costs at most two shapes (the full batch
-    and the cut last one). The padded ``[2B, T]`` layout (``packing=False``, and always with
-    ``with_hidden``) sorts pairs by length into power-of-two buckets.
+    and the cut last one); the row length is the ladder length of the longest item, doubled once when that
+    fills rows to less than :data:`MIN_REAL_FRACTION` and the double does better. The padded ``[2B, T]``
+    layout (``packing=False``, and always with ``with_hidden``) sorts pairs by length into power-of-two
+    buckets.
 
     With ``share_prompt`` (the default when packing) the packed items are the pairs' ``[prompt | chosen |
     rejected]`` rows (:class:`~jaxpref.types.PackedPairBatch`'s shared-prompt layout): each prompt is
@@ -337,11 +361,7 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
     start = time.perf_counter()
     with CompileWatch() as watch:
         if packing:
-            lengths = shared_lengths(pairs) if share_prompt else pairs.lengths()
-            t = ladder_length(int(lengths.max()) if n else 2)
-            per_pair = float(lengths.reshape(n, -1).sum(1).mean()) if n else 1.0  # tokens of a pair's items
-            rows = max(1, round(batch_size * per_pair / t))
-            packed = pack_sequences(pairs, t, rows, row_multiple=_batch_multiple(mesh), share_prompt=share_prompt)
+            packed = _pack_for_scoring(pairs, batch_size, _batch_multiple(mesh), share_prompt)
             seg_sums = np.zeros((packed.num_batches, packed.num_segments), np.float32)
             seg_counts = np.zeros_like(seg_sums)
             bar = progress_bar(packed.num_batches, enabled=progress, desc=desc)
