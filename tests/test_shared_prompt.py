@@ -292,3 +292,32 @@ def test_shared_iterator_unpacked_and_packed():
     packed = BatchDataset(pairs, global_batch_size=4, packing=PackSpec(32, 4, groups=2, share_prompt=True))
     assert packed[1].branch_ids is not None and packed[1].input_ids.shape == (4, 32)
     assert packed.fingerprint != BatchDataset(pairs, global_batch_size=4, packing=PackSpec(32, 4, groups=2)).fingerprint
+
+
+def test_run_wiring_and_config_errors(tmp_path):
+    """``data.share_prompt`` in a run: packed rows long enough for the longest shared row, the unpacked
+    iterator's bucket ladder, and one-line errors where it does not apply (no model, nothing compiles)."""
+    from jaxpref.config import RunConfig, load_config
+    from jaxpref.parallel import MeshConfig, make_mesh
+    from jaxpref.training import loop
+
+    pairs = synthetic_pairs(40, seed=3, max_prompt=20, max_response=24)  # shared rows up to 68 > max_length
+    base = ["data.train=x.jsonl", "data.max_length=48", "data.buckets=[16, 32, 48]", "train.batch_size=8",
+            "data.share_prompt=true"]
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    packed_cfg = load_config(RunConfig, None, [*base, "data.packing=true", "train.micro_batches=2"])
+    spec = loop.pack_spec(packed_cfg, pairs, mesh)
+    assert spec.share_prompt and spec.seq_len == 96 and spec.groups == 2  # 48 doubled: holds rows of <= 68
+    it = loop.open_iterator(packed_cfg, pairs, packing=spec, share_prompt=True)
+    batch = next(it)
+    assert batch.branch_ids is not None and batch.input_ids.shape == (spec.rows, 96)
+    cfg = load_config(RunConfig, None, base)
+    it = loop.open_iterator(cfg, pairs, share_prompt=True)
+    assert loop.batch_shapes(it.dataset) == [(8, 16), (8, 32), (8, 48), (8, 96)]
+    assert next(it).input_ids.shape[1] in (16, 32, 48, 96)
+    with pytest.raises(loop.RunError, match="supported by train.preference only"):
+        loop.open_iterator(cfg, pairs)
+    with pytest.raises(loop.RunError, match="does not apply to sft runs"):
+        loop._check_packing(cfg, "sft", ())
+    with pytest.raises(loop.RunError, match="reference samples"):
+        loop._check_packing(cfg, "preference", ("typo",))
