@@ -95,6 +95,21 @@ def _tol(ref, n):
     return 2 * n * EPS32 * float(np.max(np.abs(ref)))
 
 
+def _run(fn, q, k, v, w, seg, pos, br):
+    """(out, dq, dk, dv) of ``fn`` on shared rows with output cotangent ``w``."""
+    spec = MaskSpec.self_attention(seg, pos, br)
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, spec, scale=0.35), q, k, v)
+    return (out, *vjp(w))
+
+
+def _small_blocked(q, k, v, spec, scale):
+    return blocked.attend(q, k, v, spec, scale=scale, block_q=8, block_kv=8)
+
+
+run_xla = jax.jit(lambda *a: _run(xla.attend, *a))
+run_blocked = jax.jit(lambda *a: _run(_small_blocked, *a))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _fast():
     with fast_compile():
@@ -123,13 +138,8 @@ def test_shared_row_attention_equals_the_separate_rows():
         out = xla.attend(gather(q), gather(k), gather(v), sep_spec, scale=0.35)
         return jnp.sum(jnp.where(keep[..., None, None], out * gather(w), 0.0)), out
 
-    def shared(q, k, v):
-        spec = MaskSpec.self_attention(jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(br))
-        out = xla.attend(q, k, v, spec, scale=0.35)
-        return jnp.sum(out * w), out
-
     (_, sep_out), sep_grads = jax.jit(jax.value_and_grad(separate, (0, 1, 2), has_aux=True))(q, k, v)
-    (_, out), grads = jax.jit(jax.value_and_grad(shared, (0, 1, 2), has_aux=True))(q, k, v)
+    out, *grads = run_xla(q, k, v, w, seg, pos, br)
     got = np.asarray(out)[rows[:, None], cols][valid]
     np.testing.assert_allclose(got, np.asarray(sep_out)[valid], rtol=0, atol=_tol(sep_out, t))
     for g, r in zip(grads, sep_grads):
@@ -141,13 +151,7 @@ def test_blocked_equals_xla_with_branches_and_skips_dead_branch_tiles():
     b, t = seg.shape
     q, k, v, w = _qkv(b, t, seed=1)
     spec = MaskSpec.self_attention(jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(br))
-
-    def run(fn):
-        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, spec, scale=0.35), q, k, v)
-        return (out, *vjp(w))
-
-    small = lambda q, k, v, spec, scale: blocked.attend(q, k, v, spec, scale=scale, block_q=8, block_kv=8)  # noqa
-    for g, r in zip(jax.jit(lambda: run(small))(), jax.jit(lambda: run(xla.attend))()):
+    for g, r in zip(run_blocked(q, k, v, w, seg, pos, br), run_xla(q, k, v, w, seg, pos, br)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=0, atol=_tol(r, t))
     # the tile table: never skips a tile with a visible pair, and skips the chosen-only key tile [8, 16) for the
     # rejected-only query tile [24, 32) of pair 1 (live by segment and position, dead by branch)
