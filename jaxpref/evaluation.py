@@ -49,7 +49,7 @@ from jaxpref.compile_cache import CompileWatch
 from jaxpref.data import formats as data_formats
 from jaxpref.data import split as data_split
 from jaxpref.data.batching import pair_batch
-from jaxpref.data.packing import pack_sequences
+from jaxpref.data.packing import pack_sequences, shared_lengths
 from jaxpref.data.sources import DataError, load_rows
 from jaxpref.data.tokenize import TokenizeConfig, TokenizedPairs, tokenize_pairs, tokenize_sft
 from jaxpref.data.validation import RejectLog
@@ -215,8 +215,12 @@ class ScoreStats:
       cache_loads: programs loaded from the persistent compilation cache.
       compile_s: tracing, compiling and cache loading (what a warm second call would not spend).
       wall_s: the whole call; ``wall_s - compile_s`` is the steady-state time.
-      real_tokens: prompt + response tokens of the scored sequences.
+      real_tokens: the tokens the layout has to compute: prompt + response of every sequence, or with
+        ``share_prompt`` prompt + chosen + rejected of every pair.
       computed_tokens: token slots the model computed (padding included).
+      sequence_tokens: prompt + response tokens of the scored sequences (each prompt counted twice, what
+        a per-sequence loop computes); ``tokens_per_s`` is in these units, so layouts compare directly.
+      share_prompt: each prompt was computed once per pair.
     """
 
     layout: str
@@ -227,14 +231,17 @@ class ScoreStats:
     wall_s: float
     real_tokens: int
     computed_tokens: int
+    sequence_tokens: int | None = None
+    share_prompt: bool = False
 
     def to_json(self) -> dict:
         steady = max(self.wall_s - self.compile_s, 1e-9)
-        return {"layout": self.layout, "shapes": [list(x) for x in self.shapes], "compiles": self.compiles,
-                "cache_loads": self.cache_loads, "compile_s": round(self.compile_s, 3),
+        seq_tokens = self.real_tokens if self.sequence_tokens is None else self.sequence_tokens
+        return {"layout": self.layout, "share_prompt": self.share_prompt, "shapes": [list(x) for x in self.shapes],
+                "compiles": self.compiles, "cache_loads": self.cache_loads, "compile_s": round(self.compile_s, 3),
                 "wall_s": round(self.wall_s, 3), "steady_s": round(steady, 3),
-                "tokens_per_s": round(self.real_tokens / steady, 1), "real_tokens": self.real_tokens,
-                "computed_tokens": self.computed_tokens,
+                "tokens_per_s": round(seq_tokens / steady, 1), "sequence_tokens": seq_tokens,
+                "real_tokens": self.real_tokens, "computed_tokens": self.computed_tokens,
                 "real_token_fraction": round(self.real_tokens / max(self.computed_tokens, 1), 4)}
 
 
@@ -265,15 +272,39 @@ def _score_batch(graphdef, params, rest, batch: PairBatch, *, with_hidden: bool,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_segments", "seq_chunk", "vocab_chunk"))
-def _score_packed(graphdef, params, rest, ids, mask, segments, positions, *, num_segments: int, seq_chunk: int,
-                  vocab_chunk: int):
-    """``(sums, counts)`` [num_segments] of the segments of packed rows ``[R, T]`` (segment 0 = padding)."""
+def _score_packed(graphdef, params, rest, ids, mask, segments, positions, branches=None, *, num_segments: int,
+                  seq_chunk: int, vocab_chunk: int):
+    """``(sums, counts)`` [num_segments] of the segments of packed rows ``[R, T]`` (segment 0 = padding);
+    with ``branches`` (shared-prompt rows) per sequence id :func:`jaxpref.logprobs.pair_sequence_ids`."""
     model = nnx.merge(graphdef, params, rest)
-    hidden = model(ids, positions=positions, segment_ids=segments).hidden
+    branch = {} if branches is None else {"branch_ids": branches}
+    hidden = model(ids, positions=positions, segment_ids=segments, **branch).hidden
     matrix, layout = model.unembedding()
-    lp = logprobs.segment_logprobs(hidden, matrix, ids, mask, segments, num_segments=num_segments, layout=layout,
-                                   seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+    lp = logprobs.segment_logprobs(hidden, matrix, ids, mask, segments, branches, num_segments=num_segments,
+                                   layout=layout, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
     return lp.sums, lp.counts
+
+
+MIN_REAL_FRACTION = 0.9
+
+
+def _pack_for_scoring(pairs: TokenizedPairs, batch_size: int, row_multiple: int, share_prompt: bool):
+    """Packs for :func:`score_pairs`: rows of :func:`ladder_length` of the longest item, or of the next ladder
+    length when that fills the rows better and the first falls short of :data:`MIN_REAL_FRACTION` (items
+    that are large next to the row, e.g. long shared-prompt rows, leave first-fit gaps)."""
+    lengths = shared_lengths(pairs) if share_prompt else pairs.lengths()
+    n = len(pairs)
+    per_pair = float(lengths.reshape(n, -1).sum(1).mean()) if n else 1.0  # tokens of a pair's items
+    t = ladder_length(int(lengths.max()) if n else 2)
+    best = None
+    for length in (t, 2 * t):
+        rows = max(1, round(batch_size * per_pair / length))
+        packed = pack_sequences(pairs, length, rows, row_multiple=row_multiple, share_prompt=share_prompt)
+        if best is None or packed.efficiency() > best.efficiency():
+            best = packed
+        if best.efficiency() >= MIN_REAL_FRACTION or length >= SEQ_LADDER[-1]:
+            break
+    return best
 
 
 SEQ_LADDER = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -288,8 +319,9 @@ def ladder_length(n: int) -> int:
 
 
 def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: Sequence[int] | None = None,
-                mesh=None, with_hidden: bool = False, packing: bool | None = None, seq_chunk: int = 128,
-                vocab_chunk: int = 8192, progress: bool = True, desc: str = "score") -> PairScores:
+                mesh=None, with_hidden: bool = False, packing: bool | None = None, share_prompt: bool | None = None,
+                seq_chunk: int = 128, vocab_chunk: int = 8192, progress: bool = True, desc: str = "score"
+                ) -> PairScores:
     """Scores every pair under ``model`` (module docstring); returns :class:`PairScores` in dataset order.
 
     By default the ``2N`` sequences are **packed** (:func:`jaxpref.data.packing.pack_sequences`): first-fit
@@ -297,8 +329,15 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
     segment (block-diagonal attention, positions restarting at 0), one forward and one chunked log-prob
     pass per batch of rows, then a segment sum (:func:`jaxpref.logprobs.segment_logprobs`). Batches hold
     about the real tokens of ``batch_size`` pairs, and a dataset costs at most two shapes (the full batch
-    and the cut last one). The padded ``[2B, T]`` layout (``packing=False``, and always with
-    ``with_hidden``) sorts pairs by length into power-of-two buckets.
+    and the cut last one); the row length is the ladder length of the longest item, doubled once when that
+    fills rows to less than :data:`MIN_REAL_FRACTION` and the double does better. The padded ``[2B, T]``
+    layout (``packing=False``, and always with ``with_hidden``) sorts pairs by length into power-of-two
+    buckets.
+
+    With ``share_prompt`` (the default when packing) the packed items are the pairs' ``[prompt | chosen |
+    rejected]`` rows (:class:`~jaxpref.types.PackedPairBatch`'s shared-prompt layout): each prompt is
+    computed once per pair, the rejected response attends to the prompt and itself only, with the
+    positions of its own sequence, so the log-probs equal the separate layout's.
 
     Args:
       model: a jaxpref causal LM (place it on ``mesh`` first when one is given, e.g. ``load_model(mesh=)``).
@@ -308,12 +347,16 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
       mesh: shard each batch over the mesh's ``batch`` axes.
       with_hidden: also return the hidden-state sums and last predictor states (CHES); padded layout.
       packing: pack sequences (default: True unless ``with_hidden``).
+      share_prompt: one shared-prompt row per pair (default: ``packing``; packed layout only).
       seq_chunk, vocab_chunk: chunking of :func:`jaxpref.logprobs.sequence_logprobs`.
       progress: show a progress bar.
     """
     packing = (not with_hidden) if packing is None else packing
+    share_prompt = packing if share_prompt is None else share_prompt
     if packing and with_hidden:
         raise ValueError("score_pairs: with_hidden needs the padded layout (packing=False)")
+    if share_prompt and not packing:
+        raise ValueError("score_pairs: share_prompt needs the packed layout (packing=True)")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     n = len(pairs)
     d = model.config.hidden_size
@@ -325,16 +368,15 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
     start = time.perf_counter()
     with CompileWatch() as watch:
         if packing:
-            lengths = pairs.lengths()
-            t = ladder_length(int(lengths.max()) if n else 2)
-            rows = max(1, round(2 * batch_size * float(lengths.mean() if n else 1) / t))
-            packed = pack_sequences(pairs, t, rows, row_multiple=_batch_multiple(mesh))
+            packed = _pack_for_scoring(pairs, batch_size, _batch_multiple(mesh), share_prompt)
             seg_sums = np.zeros((packed.num_batches, packed.num_segments), np.float32)
             seg_counts = np.zeros_like(seg_sums)
             bar = progress_bar(packed.num_batches, enabled=progress, desc=desc)
             try:
                 for k in range(packed.num_batches):
                     arrays = packed.batch(k)
+                    if share_prompt:
+                        arrays = (*arrays, packed.branches(k))
                     if mesh is not None:
                         arrays = parallel.shard_batch(arrays, mesh)
                     out = _score_packed(graphdef, params, rest, *arrays, num_segments=packed.num_segments,
@@ -364,12 +406,14 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
                     bar.update(1)
             finally:
                 bar.close()
+    real = (shared_lengths(pairs) if share_prompt else pairs.lengths()).sum() if n else 0
     stats = ScoreStats(layout="packed" if packing else "padded", shapes=sorted(set(shapes)),
                        compiles=watch.compiles, cache_loads=watch.cache_loads, compile_s=watch.seconds,
-                       wall_s=time.perf_counter() - start, real_tokens=int(pairs.lengths().sum()) if n else 0,
-                       computed_tokens=int(computed))
-    log.info("%s: %d pairs, %s layout, %d shape(s) %s, %d compile(s) + %d cache load(s) in %.1f s, %.0f tokens/s, "
-             "real/computed tokens %.3f", desc, n, stats.layout, len(stats.shapes), stats.shapes, stats.compiles,
+                       wall_s=time.perf_counter() - start, real_tokens=int(real), computed_tokens=int(computed),
+                       sequence_tokens=int(pairs.lengths().sum()) if n else 0, share_prompt=bool(share_prompt))
+    log.info("%s: %d pairs, %s layout%s, %d shape(s) %s, %d compile(s) + %d cache load(s) in %.1f s, %.0f tokens/s, "
+             "real/computed tokens %.3f", desc, n, stats.layout, " (shared prompts)" if share_prompt else "",
+             len(stats.shapes), stats.shapes, stats.compiles,
              stats.cache_loads, stats.compile_s, stats.to_json()["tokens_per_s"],
              stats.to_json()["real_token_fraction"])
     return PairScores(sums=sums, counts=counts, means=sums / np.maximum(counts, 1.0), hidden_sums=hs,

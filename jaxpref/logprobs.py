@@ -296,6 +296,7 @@ def segment_logprobs(
     input_ids: Array,
     loss_mask: Array,
     segment_ids: Array,
+    branch_ids: Array | None = None,
     *,
     num_segments: int,
     layout: str = "dv",
@@ -303,6 +304,11 @@ def segment_logprobs(
     vocab_chunk: int = 8192,
 ) -> SequenceLogProbs:
     """Per-segment log-prob sums of packed rows: one chunked pass over ``[R, T]``, then a segment sum.
+
+    With ``branch_ids`` (shared-prompt pairs, ``[prompt | chosen | rejected]`` per segment, see
+    :func:`shared_predecessors`) the sums are per *sequence* :func:`pair_sequence_ids` (chosen of
+    segment ``s`` is ``2s - 1``, rejected ``2s``), and the rejected response's first token is scored
+    from the prompt's last hidden state, as in the separate layout.
 
     Each row holds several sequences, each with its own segment id (0 = padding) and positions
     restarting at 0 (the model's attention is block-diagonal by segment id). A token is a target
@@ -327,23 +333,63 @@ def segment_logprobs(
     """
     if segment_ids.shape != input_ids.shape:
         raise ValueError(f"segment_ids {segment_ids.shape} must match input_ids {input_ids.shape}")
-    mask = segment_target_mask(loss_mask, segment_ids)  # [R, T]
+    mask = segment_target_mask(loss_mask, segment_ids, branch_ids)  # [R, T]
+    if branch_ids is not None:  # hidden[:, t - 1] must be the state that predicts token t
+        pred = shared_predecessors(segment_ids, branch_ids)
+        src = jnp.concatenate([jnp.maximum(pred[:, 1:], 0), jnp.full_like(pred[:, :1], pred.shape[1] - 1)], axis=1)
+        hidden = jnp.take_along_axis(hidden, src[..., None], axis=1)
     lp = sequence_logprobs(hidden, unembedding, input_ids, mask.astype(jnp.int32), layout=layout,
                            seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
-    flat_seg = segment_ids.reshape(-1).astype(jnp.int32)
+    flat_seg = _sequence_ids(segment_ids, branch_ids).reshape(-1)
     sums = jax.ops.segment_sum(lp.token_logps.reshape(-1), flat_seg, num_segments)
     counts = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.float32), flat_seg, num_segments)
     return SequenceLogProbs(lp.token_logps, sums, counts, sums / jnp.maximum(counts, 1.0))
 
 
-def segment_target_mask(loss_mask: Array, segment_ids: Array) -> Array:
-    """[R, T] bool: ``loss_mask`` where the token's predecessor in the row is in the same non-zero segment."""
+def shared_predecessors(segment_ids: Array, branch_ids: Array) -> Array:
+    """[R, T] int32 row index of the token each token follows in its own sequence (-1: none in the row).
+
+    Shared-prompt rows hold ``[prompt (branch 0) | chosen (1) | rejected (2)]`` per segment. A token's
+    predecessor is the one before it in the row, except at the start of a response that directly follows
+    another response: that one continues the prompt, so its predecessor is the last branch-0 token before
+    it. (Callers check that the predecessor lies in the same non-zero segment.)
+    """
+    seg, br = segment_ids.astype(jnp.int32), branch_ids.astype(jnp.int32)
+    t = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32)[None], seg.shape)
+    last_prompt = jax.lax.cummax(jnp.where((seg != 0) & (br == 0), t, -1), axis=1)
+    prev_br = jnp.concatenate([jnp.zeros_like(br[:, :1]), br[:, :-1]], axis=1)
+    new_response = (br > 0) & (prev_br > 0) & (prev_br != br)
+    return jnp.where(new_response, last_prompt, t - 1)
+
+
+def pair_sequence_ids(segment_ids: Array, branch_ids: Array) -> Array:
+    """[R, T] int32 sequence of each token of shared-prompt rows: chosen (branch 1) of segment ``s`` is
+    ``2s - 1``, rejected (branch 2) ``2s``, prompt and padding 0 (the ``pair_segments`` convention of
+    :class:`~jaxpref.types.PackedPairBatch`, slot ``p`` = segment ``p + 1``)."""
+    seg, br = segment_ids.astype(jnp.int32), branch_ids.astype(jnp.int32)
+    return jnp.where((seg != 0) & (br > 0), 2 * seg - 2 + br, 0)
+
+
+def _sequence_ids(segment_ids: Array, branch_ids: Array | None) -> Array:
+    if branch_ids is None:
+        return segment_ids.astype(jnp.int32)
+    return pair_sequence_ids(segment_ids, branch_ids)
+
+
+def segment_target_mask(loss_mask: Array, segment_ids: Array, branch_ids: Array | None = None) -> Array:
+    """[R, T] bool: ``loss_mask`` where the token's predecessor in its sequence (the one before it in the
+    row; :func:`shared_predecessors` with ``branch_ids``) is in the same non-zero segment."""
     seg = segment_ids.astype(jnp.int32)
-    same = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] == seg[:, :-1]], axis=1)
+    if branch_ids is None:
+        same = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] == seg[:, :-1]], axis=1)
+    else:
+        pred = shared_predecessors(seg, branch_ids)
+        same = (pred >= 0) & (jnp.take_along_axis(seg, jnp.maximum(pred, 0), axis=1) == seg)
     return (loss_mask != 0) & same & (seg != 0)
 
 
-def segment_counts(loss_mask: Array, segment_ids: Array, num_segments: int) -> Array:
-    """[num_segments] float32 target tokens per segment (the ``counts`` of :func:`segment_logprobs`)."""
-    mask = segment_target_mask(loss_mask, segment_ids).reshape(-1).astype(jnp.float32)
-    return jax.ops.segment_sum(mask, segment_ids.reshape(-1).astype(jnp.int32), num_segments)
+def segment_counts(loss_mask: Array, segment_ids: Array, num_segments: int, branch_ids: Array | None = None) -> Array:
+    """[num_segments] float32 target tokens per segment (per sequence with ``branch_ids``; the ``counts``
+    of :func:`segment_logprobs`)."""
+    mask = segment_target_mask(loss_mask, segment_ids, branch_ids).reshape(-1).astype(jnp.float32)
+    return jax.ops.segment_sum(mask, _sequence_ids(segment_ids, branch_ids).reshape(-1), num_segments)

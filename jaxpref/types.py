@@ -132,6 +132,12 @@ class PackedPairBatch:
         pair slot ``p`` belong to group ``r % groups`` / ``p % groups``, and a pair's segments
         lie in rows of its own group), so the batch can be split into any divisor of ``groups``
         strided micro-batches for gradient accumulation.
+      branch_ids: None, or (shared-prompt pairs, ``data.share_prompt``) [R, T] int32 branch of each
+        token: a pair is ONE segment ``p + 1`` laid out ``[prompt | chosen | rejected]`` with branch
+        ids 0 / 1 / 2; the rejected tokens attend to the prompt and themselves, never to chosen, and
+        their positions restart after the prompt (the separate layout's positions).
+        ``pair_segments`` then holds the *sequence* ids ``2p + 1`` / ``2p + 2``
+        (:func:`jaxpref.logprobs.pair_sequence_ids`), so the per-pair outputs are unchanged.
     """
 
     input_ids: Array
@@ -142,6 +148,7 @@ class PackedPairBatch:
     example_mask: Array
     votes: Array
     index: Array
+    branch_ids: Array | None = None
     groups: int = flax.struct.field(pytree_node=False, default=1)
 
     @property

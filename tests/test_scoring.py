@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxpref import evaluation as ev
-from jaxpref.data.packing import pack_sequences
+from jaxpref.data.packing import pack_sequences, shared_lengths
 from jaxpref.models import presets
 from jaxpref.testing.models import random_model
 from jaxpref.testing.tokenizers import make_tokenizer
@@ -53,16 +53,24 @@ def test_pack_sequences_places_every_token_once(hh_pairs):
 
 
 def test_packed_scores_equal_padded_scores_per_example(model, hh_pairs):
+    """Packed (separate sequences) and packed shared-prompt rows (the default) both equal the padded layout."""
     padded = ev.score_pairs(model, hh_pairs, batch_size=8, packing=False, progress=False)
-    packed = ev.score_pairs(model, hh_pairs, batch_size=8, progress=False)
-    np.testing.assert_array_equal(packed.counts, padded.counts)
-    # float32: each token's log-prob is the same sum of the same terms in both layouts (masked attention
-    # entries are exact zeros), up to reassociation: ~a few eps32 (1.2e-7) per token; 1e-5 relative to the
-    # summed |log-prob| (all terms are negative, so |sum| = sum of |terms|) leaves ~80 eps of room.
-    np.testing.assert_allclose(packed.sums, padded.sums, rtol=1e-5, atol=0)
-    assert packed.stats.layout == "packed" and padded.stats.layout == "padded"
-    assert packed.stats.real_tokens == padded.stats.real_tokens == int(hh_pairs.lengths().sum())
+    packed = ev.score_pairs(model, hh_pairs, batch_size=8, share_prompt=False, progress=False)
+    shared = ev.score_pairs(model, hh_pairs, batch_size=8, progress=False)
+    for got in (packed, shared):
+        np.testing.assert_array_equal(got.counts, padded.counts)
+        # float32: each token's log-prob is the same sum of the same terms in every layout (masked attention
+        # entries are exact zeros), up to reassociation: ~a few eps32 (1.2e-7) per token; 1e-5 relative to the
+        # summed |log-prob| (all terms are negative, so |sum| = sum of |terms|) leaves ~80 eps of room.
+        np.testing.assert_allclose(got.sums, padded.sums, rtol=1e-5, atol=0)
+    assert packed.stats.layout == shared.stats.layout == "packed" and padded.stats.layout == "padded"
+    assert shared.stats.share_prompt and not packed.stats.share_prompt
+    seq_tokens = int(hh_pairs.lengths().sum())
+    assert packed.stats.real_tokens == padded.stats.real_tokens == seq_tokens
+    prompts = sum(len(p) for p in hh_pairs.prompt)
+    assert shared.stats.real_tokens == seq_tokens - prompts and shared.stats.sequence_tokens == seq_tokens
     assert packed.stats.to_json()["real_token_fraction"] > padded.stats.to_json()["real_token_fraction"]
+    assert shared.stats.computed_tokens < packed.stats.computed_tokens
 
 
 def test_packed_scoring_is_sharded_over_the_mesh(model, hh_pairs):
@@ -80,15 +88,19 @@ def test_packed_scoring_is_sharded_over_the_mesh(model, hh_pairs):
 
 
 def test_shape_ladder_bounds_the_compilations(shared_data):
-    """A mixed-length set (8 to ~500 tokens) compiles at most two shapes, and a second call none."""
+    """A mixed-length set (8 to 256 tokens, shared-prompt rows to ~500) compiles at most two shapes, and a
+    second call none."""
     tok = make_tokenizer()
     data = ev.load_eval_pairs(shared_data / "hh_rlhf_helpful_base_test_2k.jsonl", tok, limit=64,
-                              tokenize=ev.TokenizeConfig(max_length=512))
+                              tokenize=ev.TokenizeConfig(max_length=256))
     lengths = data.pairs.lengths()
-    assert lengths.min() < 64 and lengths.max() > 256
+    assert lengths.min() < 64 and lengths.max() > 200
     fresh = random_model(presets.tiny_llama(vocab_size=512, hidden_size=48), seed=0)  # a structure no test jitted
     first = ev.score_pairs(fresh, data.pairs, batch_size=8, progress=False).stats
-    assert len(first.shapes) <= 2 and all(t == 512 for _, t in first.shapes)
+    longest = int(shared_lengths(data.pairs).max())  # shared-prompt rows (the default): prompt + chosen + rejected
+    ladder = ev.ladder_length(longest)  # its rows, or twice as long when that fills them better
+    assert len(first.shapes) <= 2 and len({t for _, t in first.shapes}) == 1
+    assert first.shapes[0][1] in (ladder, 2 * ladder)
     assert 1 <= first.compiles + first.cache_loads <= len(first.shapes)
     second = ev.score_pairs(fresh, data.pairs, batch_size=8, progress=False).stats
     assert second.shapes == first.shapes and second.compiles == 0 and second.cache_loads == 0

@@ -26,6 +26,11 @@ shape) and each epoch's plan is cut by :func:`jaxpref.data.packing.plan_groups` 
 process's ``B`` pairs fit its ``R`` rows (a pair that does not fit opens the next batch); the
 plan is still a pure function of the seed.
 
+Optional **shared prompts** (``share_prompt=True``, or ``PackSpec.share_prompt`` when packing): each
+pair is one ``[prompt | chosen | rejected]`` row (:class:`~jaxpref.types.PackedPairBatch` with
+``branch_ids``); unpacked, one pair per row, padded to :attr:`BatchDataset.shared_buckets` (``buckets``
+doubled beyond the largest until the longest shared row fits: a bounded ladder of shapes).
+
 **Reference samples** (TYPO): given ``ref_samples`` (a
 :class:`jaxpref.training.reference_samples.ReferenceSamples`), each pair batch also carries
 ``batch.ref_samples``, bucketed like the pairs from the *global* batch's longest prompt + sample
@@ -68,6 +73,7 @@ class BatchDataset(grain.MapDataset):
         process_count: int | None = None,
         ref_samples: Any = None,
         packing: packing_lib.PackSpec | None = None,
+        share_prompt: bool = False,
     ):
         """See the module docstring.
 
@@ -88,6 +94,8 @@ class BatchDataset(grain.MapDataset):
             :class:`~jaxpref.training.reference_samples.ReferenceSamples`), attached to each batch.
           packing: pack pairs into :class:`~jaxpref.types.PackedPairBatch` rows of this shape
             (``rows`` per process; ``buckets`` and ``length_grouping`` then do not apply).
+          share_prompt: unpacked shared-prompt rows (module docstring); packed ones come from
+            ``packing.share_prompt``.
         """
         super().__init__()
         if process_index is None or process_count is None:
@@ -124,6 +132,16 @@ class BatchDataset(grain.MapDataset):
         self.packing_left_out: dict[int, int] = {}  # epoch -> pairs the packed plan could not place
         if packing is not None:
             self._check_packing(packing)
+        self.share_prompt = bool(share_prompt) and packing is None
+        self.shared_buckets: tuple[int, ...] = ()
+        if share_prompt and packing is None:
+            if not isinstance(data, TokenizedPairs) or ref_samples is not None:
+                raise ValueError("share_prompt applies to preference pairs without reference samples")
+            self._shared = packing_lib.shared_lengths(data) if n else np.zeros(0, np.int32)
+            buckets, longest = list(self.buckets), int(self._shared.max()) if n else 1
+            while buckets[-1] < longest:
+                buckets.append(2 * buckets[-1])
+            self.shared_buckets = tuple(buckets)
 
     def _check_packing(self, packing: packing_lib.PackSpec) -> None:
         if not isinstance(self.data, TokenizedPairs):
@@ -135,9 +153,10 @@ class BatchDataset(grain.MapDataset):
         if self.local_batch_size % packing.groups:
             raise ValueError(f"per-process batch size {self.local_batch_size} is not divisible by "
                              f"packing groups {packing.groups}")
-        if len(self.data) and self._lengths.max() > packing.seq_len:
-            raise ValueError(f"longest sequence {self._lengths.max()} exceeds the packed row length "
-                             f"{packing.seq_len}")
+        longest = int(packing_lib.item_lengths(self.data, packing).max()) if len(self.data) else 0
+        if longest > packing.seq_len:
+            what = "shared-prompt row" if packing.share_prompt else "sequence"
+            raise ValueError(f"longest {what} {longest} exceeds the packed row length {packing.seq_len}")
 
     def __len__(self) -> int:
         return sys.maxsize if self.num_epochs is None else self.steps_per_epoch * self.num_epochs
@@ -154,7 +173,12 @@ class BatchDataset(grain.MapDataset):
             len(self.data), self.global_batch_size, self.seed, self.shuffle, self.drop_remainder,
             self.buckets, self.length_grouping, self.num_epochs]).encode())
         if self.packing is not None:
-            h.update(json.dumps(["packing", dataclasses.asdict(self.packing)]).encode())
+            spec = dataclasses.asdict(self.packing)
+            if not spec["share_prompt"]:  # the fingerprint of runs saved before the field existed
+                spec.pop("share_prompt")
+            h.update(json.dumps(["packing", spec]).encode())
+        if self.share_prompt:
+            h.update(b"share_prompt")
         h.update(np.ascontiguousarray(self.data.row).tobytes())
         h.update(np.ascontiguousarray(self._lengths).tobytes())
         return h.hexdigest()[:16]
@@ -184,7 +208,7 @@ class BatchDataset(grain.MapDataset):
         ``groups`` groups interleaved (slot ``q * groups + j`` = group ``j``'s ``q``-th pair)."""
         k, p, steps = self.packing.groups, self.process_count, self.steps_per_epoch
         per_group = self.local_batch_size // k
-        plan, left_out = packing_lib.plan_groups(self.data.lengths(), order, self.packing,
+        plan, left_out = packing_lib.plan_groups(packing_lib.item_lengths(self.data, self.packing), order, self.packing,
                                                  pairs_per_group=per_group, num_groups=steps * p * k)
         self.packing_left_out[epoch] = left_out
         return plan.reshape(steps, p, k, per_group).transpose(0, 1, 3, 2).reshape(steps, -1)
@@ -205,6 +229,9 @@ class BatchDataset(grain.MapDataset):
         if self.packing is not None:
             return packing_lib.pack_pairs(self.data, local, self.packing, first_slot=self.process_index * b)
         real = rows[rows >= 0]
+        if self.share_prompt:
+            seq_len = choose_bucket(int(self._shared[real].max()) if len(real) else 1, self.shared_buckets)
+            return packing_lib.shared_pair_batch(self.data, local, seq_len, first_slot=self.process_index * b)
         seq_len = choose_bucket(int(self._lengths[real].max()) if len(real) else 1, self.buckets)
         batch = make_batch(self.data, local, seq_len=seq_len, batch_size=b)
         if self.ref_samples is not None:

@@ -22,6 +22,12 @@ Micro-batches: with ``groups = k`` the batch is ``k`` independent packs interlea
 micro-batch split of :mod:`jaxpref.training.step`. Segment ids ``2p + 1`` / ``2p + 2`` use the
 pair's slot in the *global* batch (``first_slot`` offsets a process's slots) so they stay unique
 when processes' rows are assembled into one global array.
+
+Shared prompts (``PackSpec.share_prompt``, ``data.share_prompt``): a pair is ONE item
+``[prompt | chosen | rejected]`` of ``P + C + R`` tokens instead of two of ``P + C`` and ``P + R``,
+segment ``slot + 1``, with branch ids 0 / 1 / 2 (:class:`~jaxpref.types.PackedPairBatch`): the
+prompt is computed once per pair. :func:`shared_pair_batch` is the unpacked form (one pair per
+row), :func:`pack_sequences` ``(share_prompt=True)`` the scoring form.
 """
 
 from __future__ import annotations
@@ -46,12 +52,14 @@ class PackSpec:
       rows: ``R``, rows per (process-local) batch; a multiple of ``groups``, >= 2 per group.
       groups: interleaved packs per batch (= the gradient-accumulation micro-batches it serves).
       lookahead: a batch is closed once more than this many candidates did not fit.
+      share_prompt: one item ``[prompt | chosen | rejected]`` per pair (module docstring).
     """
 
     seq_len: int
     rows: int
     groups: int = 1
     lookahead: int = 8
+    share_prompt: bool = False
 
     def __post_init__(self):
         if self.seq_len < 2 or self.groups < 1 or self.lookahead < 0:
@@ -122,6 +130,33 @@ class _RoomTree:
             i //= 2
 
 
+def shared_lengths(pairs: TokenizedPairs) -> np.ndarray:
+    """[N] int32 tokens of each pair's shared-prompt row ``[prompt | chosen | rejected]``."""
+    return np.asarray([len(p) + len(c) + len(r) for p, c, r in zip(pairs.prompt, pairs.chosen, pairs.rejected)],
+                      np.int32).reshape(-1)
+
+
+def item_lengths(pairs: TokenizedPairs, spec: PackSpec) -> np.ndarray:
+    """[N, k] sizes of the items a pair packs into: ``[N, 2]`` sequence lengths, or ``[N, 1]`` shared rows."""
+    return shared_lengths(pairs)[:, None] if spec.share_prompt else pairs.lengths()
+
+
+def _write_shared(arrays, row: int, lo: int, prompt, chosen, rejected, seg: int) -> int:
+    """Writes ``[prompt | chosen | rejected]`` at ``row, lo`` (segment ``seg``); returns the end column."""
+    input_ids, loss_mask, segment_ids, positions, branch_ids = arrays
+    n_p, n_c, n_r = len(prompt), len(chosen), len(rejected)
+    c0, r0 = lo + n_p, lo + n_p + n_c
+    hi = r0 + n_r
+    input_ids[row, lo:c0], input_ids[row, c0:r0], input_ids[row, r0:hi] = prompt, chosen, rejected
+    loss_mask[row, c0:hi] = 1
+    loss_mask[row, lo] = 0  # a segment's first token is never a target
+    segment_ids[row, lo:hi] = seg
+    positions[row, lo:r0] = np.arange(n_p + n_c)
+    positions[row, r0:hi] = n_p + np.arange(n_r)  # rejected continues the prompt, as in its own sequence
+    branch_ids[row, c0:r0], branch_ids[row, r0:hi] = 1, 2
+    return hi
+
+
 def _fits(seq_lengths: list[int], spec: PackSpec) -> bool:
     if sum(seq_lengths) > spec.rows_per_group * spec.seq_len:
         return False
@@ -133,7 +168,8 @@ def plan_groups(lengths: np.ndarray, order: np.ndarray, spec: PackSpec, *, pairs
     """Cuts ``order`` into ``num_groups`` packable groups of at most ``pairs_per_group`` pairs.
 
     Args:
-      lengths: [N, 2] sequence lengths (prompt + response) of chosen and rejected.
+      lengths: [N, k] item sizes of each pair (:func:`item_lengths`: chosen and rejected sequence
+        lengths, or the shared-prompt row).
       order: [M] pair positions in the order they should be consumed (an epoch's permutation).
       spec: the row shape (``seq_len``, ``rows_per_group``, ``lookahead``).
       pairs_per_group: ``B / groups``.
@@ -201,18 +237,31 @@ def pack_pairs(pairs: TokenizedPairs, indices: Sequence[int], spec: PackSpec, *,
     loss_mask = np.zeros((spec.rows, t), np.int32)
     segment_ids = np.zeros((spec.rows, t), np.int32)
     positions = np.zeros((spec.rows, t), np.int32)
+    branch_ids = np.zeros((spec.rows, t), np.int32)
     pair_segments = np.zeros((b, 2), np.int32)
     fill = np.zeros(spec.rows, np.int64)  # next free column of each row
     for group in range(k):
         slots = [p for p in range(group, b, k) if idx[p] >= 0]
-        seqs = [(p, s) for p in slots for s in (0, 1)]
-        sizes = [len(pairs.prompt[idx[p]]) + len(pairs.responses[s][idx[p]]) for p, s in seqs]
+        if spec.share_prompt:  # one item per pair: [prompt | chosen | rejected]
+            seqs = [(p, -1) for p in slots]
+            sizes = [len(pairs.prompt[idx[p]]) + len(pairs.chosen[idx[p]]) + len(pairs.rejected[idx[p]])
+                     for p in slots]
+        else:
+            seqs = [(p, s) for p in slots for s in (0, 1)]
+            sizes = [len(pairs.prompt[idx[p]]) + len(pairs.responses[s][idx[p]]) for p, s in seqs]
         bins = first_fit_decreasing(sizes, t, spec.rows_per_group) if seqs else np.zeros(0, np.int64)
         if bins is None:
             raise ValueError(f"pairs {idx[slots].tolist()} (group {group}) need more than {spec.rows_per_group} rows "
                              f"of {t} tokens; raise PackSpec.rows or use plan_groups to choose packable batches")
         for (p, s), row_in_group in sorted(zip(seqs, bins.tolist()), key=lambda x: (x[1], x[0])):
             row = group + k * row_in_group
+            if s < 0:
+                i, slot = idx[p], first_slot + p
+                fill[row] = _write_shared((input_ids, loss_mask, segment_ids, positions, branch_ids), row,
+                                          int(fill[row]), pairs.prompt[i], pairs.chosen[i], pairs.rejected[i],
+                                          slot + 1)
+                pair_segments[p] = (2 * slot + 1, 2 * slot + 2)
+                continue
             prompt, resp = pairs.prompt[idx[p]], pairs.responses[s][idx[p]]
             lo, n_p = int(fill[row]), len(prompt)
             hi = lo + n_p + len(resp)
@@ -229,7 +278,39 @@ def pack_pairs(pairs: TokenizedPairs, indices: Sequence[int], spec: PackSpec, *,
     votes = np.where(real, pairs.votes[np.maximum(idx, 0)] if len(pairs) else 1.0, 1.0).astype(np.float32)
     source_row = np.where(real, pairs.row[np.maximum(idx, 0)] if len(pairs) else -1, -1).astype(np.int32)
     return PackedPairBatch(input_ids=input_ids, loss_mask=loss_mask, segment_ids=segment_ids, positions=positions,
-                           pair_segments=pair_segments, example_mask=real, votes=votes, index=source_row, groups=k)
+                           pair_segments=pair_segments, example_mask=real, votes=votes, index=source_row,
+                           branch_ids=branch_ids if spec.share_prompt else None, groups=k)
+
+
+def shared_pair_batch(pairs: TokenizedPairs, indices: Sequence[int], seq_len: int, *,
+                      first_slot: int = 0) -> PackedPairBatch:
+    """Shared-prompt pairs without packing: pair slot ``p`` alone in row ``p`` as ``[prompt | chosen |
+    rejected]`` (segment ``first_slot + p + 1``), right padded to ``seq_len``; -1 = padding pair.
+
+    One pair per row, so any divisor of ``B`` micro-batches splits it (``groups = B``).
+    """
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    b = len(idx)
+    if np.any(idx >= len(pairs)) or np.any(idx < -1):
+        raise IndexError(f"indices out of range for {len(pairs)} pairs")
+    arrays = (np.full((b, seq_len), pairs.pad_id, np.int32), *(np.zeros((b, seq_len), np.int32) for _ in range(4)))
+    pair_segments = np.zeros((b, 2), np.int32)
+    for p, i in enumerate(idx.tolist()):
+        if i < 0:
+            continue
+        need = len(pairs.prompt[i]) + len(pairs.chosen[i]) + len(pairs.rejected[i])
+        if need > seq_len:
+            raise ValueError(f"pair {i}: its shared-prompt row has {need} tokens, more than seq_len {seq_len}")
+        slot = first_slot + p
+        _write_shared(arrays, p, 0, pairs.prompt[i], pairs.chosen[i], pairs.rejected[i], slot + 1)
+        pair_segments[p] = (2 * slot + 1, 2 * slot + 2)
+    real = idx >= 0
+    votes = np.where(real, pairs.votes[np.maximum(idx, 0)] if len(pairs) else 1.0, 1.0).astype(np.float32)
+    source_row = np.where(real, pairs.row[np.maximum(idx, 0)] if len(pairs) else -1, -1).astype(np.int32)
+    input_ids, loss_mask, segment_ids, positions, branch_ids = arrays
+    return PackedPairBatch(input_ids=input_ids, loss_mask=loss_mask, segment_ids=segment_ids, positions=positions,
+                           pair_segments=pair_segments, example_mask=real, votes=votes, index=source_row,
+                           branch_ids=branch_ids, groups=max(b, 1))
 
 
 def auto_rows(lengths: np.ndarray, pairs_per_batch: int, seq_len: int, *, groups: int = 1, devices: int = 1,
@@ -267,12 +348,18 @@ class PackedSequences:
     shape. Inside a batch every sequence is its own segment ``1, 2, ...``; positions restart at 0 per
     segment, and a segment's first token is never a target, as in :func:`pack_pairs`.
 
+    With ``share_prompt`` the items are the ``N`` pairs' ``[prompt | chosen | rejected]`` rows instead (one
+    segment each, ``branch_ids`` 0 / 1 / 2, each prompt computed once), and ``segment_of`` holds the
+    *sequence* ids ``2s - 1`` / ``2s`` of segment ``s`` (:func:`jaxpref.logprobs.pair_sequence_ids`).
+
     Attributes:
       input_ids, loss_mask, segment_ids, positions: [num_batches * rows_per_batch, seq_len] int32.
-      batch_of: [N, 2] int32 batch of each sequence; segment_of: [N, 2] int32 its segment in that batch.
+      batch_of: [N, 2] int32 batch of each sequence; segment_of: [N, 2] int32 its segment (sequence id) in
+        that batch.
       rows_per_batch: rows per batch; num_segments: static size of per-batch segment outputs (max + 1).
       used_rows: rows that hold tokens (the rest of the last batch is empty).
       row_multiple: batches keep a multiple of this many rows.
+      branch_ids: None, or (shared prompts) [num_batches * rows_per_batch, seq_len] int32.
     """
 
     input_ids: np.ndarray
@@ -285,6 +372,7 @@ class PackedSequences:
     num_segments: int
     used_rows: int
     row_multiple: int = 1
+    branch_ids: np.ndarray | None = None
 
     @property
     def num_batches(self) -> int:
@@ -301,9 +389,16 @@ class PackedSequences:
 
     def batch(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(input_ids, loss_mask, segment_ids, positions)`` of batch ``k``, each [batch_rows(k), seq_len]."""
-        lo = k * self.rows_per_batch
-        sl = slice(lo, lo + self.batch_rows(k))
+        sl = self._rows(k)
         return self.input_ids[sl], self.loss_mask[sl], self.segment_ids[sl], self.positions[sl]
+
+    def branches(self, k: int) -> np.ndarray | None:
+        """Branch ids of batch ``k`` (shared prompts), or None."""
+        return None if self.branch_ids is None else self.branch_ids[self._rows(k)]
+
+    def _rows(self, k: int) -> slice:
+        lo = k * self.rows_per_batch
+        return slice(lo, lo + self.batch_rows(k))
 
     def computed_tokens(self) -> int:
         return sum(self.batch_rows(k) for k in range(self.num_batches)) * self.input_ids.shape[1]
@@ -313,12 +408,12 @@ class PackedSequences:
         return float((self.segment_ids != 0).sum() / max(self.computed_tokens(), 1))
 
 
-def pack_sequences(pairs: TokenizedPairs, seq_len: int, rows_per_batch: int, *, row_multiple: int = 1
-                   ) -> PackedSequences:
-    """Packs all sequences of ``pairs`` into batches of ``rows_per_batch`` rows of ``seq_len`` tokens
-    (:class:`PackedSequences`); ``rows_per_batch`` is rounded up to a multiple of ``row_multiple`` (the
-    data-parallel devices the rows are split over)."""
-    lengths = pairs.lengths().reshape(-1)
+def pack_sequences(pairs: TokenizedPairs, seq_len: int, rows_per_batch: int, *, row_multiple: int = 1,
+                   share_prompt: bool = False) -> PackedSequences:
+    """Packs all sequences of ``pairs`` (with ``share_prompt``: all shared-prompt pair rows) into batches of
+    ``rows_per_batch`` rows of ``seq_len`` tokens (:class:`PackedSequences`); ``rows_per_batch`` is rounded
+    up to a multiple of ``row_multiple`` (the data-parallel devices the rows are split over)."""
+    lengths = shared_lengths(pairs) if share_prompt else pairs.lengths().reshape(-1)
     if len(lengths) and int(lengths.max()) > seq_len:
         raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit rows of {seq_len}")
     rows_per_batch = max(1, rows_per_batch) + (-max(1, rows_per_batch)) % row_multiple
@@ -331,7 +426,17 @@ def pack_sequences(pairs: TokenizedPairs, seq_len: int, rows_per_batch: int, *, 
     batch_of, segment_of = np.zeros((len(pairs), 2), np.int32), np.zeros((len(pairs), 2), np.int32)
     fill = np.zeros(shape[0], np.int64)
     next_segment = np.ones(n_batches, np.int64)
+    branch_ids = np.zeros(shape, np.int32) if share_prompt else None
     for j in sorted(range(len(lengths)), key=lambda j: (int(bins[j]), j)):
+        if share_prompt:
+            row = int(bins[j])
+            k = row // rows_per_batch
+            seg = int(next_segment[k])
+            next_segment[k] += 1
+            fill[row] = _write_shared((input_ids, loss_mask, segment_ids, positions, branch_ids), row, int(fill[row]),
+                                      pairs.prompt[j], pairs.chosen[j], pairs.rejected[j], seg)
+            batch_of[j], segment_of[j] = k, (2 * seg - 1, 2 * seg)
+            continue
         row, (i, s) = int(bins[j]), divmod(j, 2)
         prompt, resp = pairs.prompt[i], pairs.responses[s][i]
         lo, n_p = int(fill[row]), len(prompt)
@@ -346,5 +451,8 @@ def pack_sequences(pairs: TokenizedPairs, seq_len: int, rows_per_batch: int, *, 
         positions[row, lo:hi] = np.arange(hi - lo)
         batch_of[i, s], segment_of[i, s] = k, seg
         fill[row] = hi
+    num_segments = int(next_segment.max())
+    if share_prompt:  # sequence ids 2s - 1, 2s of segments s < next_segment
+        num_segments = 2 * num_segments - 1
     return PackedSequences(input_ids, loss_mask, segment_ids, positions, batch_of, segment_of, rows_per_batch,
-                           int(next_segment.max()), used_rows=n_rows, row_multiple=row_multiple)
+                           num_segments, used_rows=n_rows, row_multiple=row_multiple, branch_ids=branch_ids)

@@ -104,6 +104,7 @@ class CausalLM(nnx.Module):
         cache: KVCache | None = None,
         return_logits: bool = False,
         right_padded: bool = False,
+        branch_ids: jax.Array | None = None,
     ) -> ModelOutput:
         """Forward pass.
 
@@ -119,12 +120,17 @@ class CausalLM(nnx.Module):
           return_logits: also compute [B, T, V] float32 logits.
           right_padded: the caller promises one sequence per row at slots and positions
             ``0 .. n-1`` then padding (:attr:`MaskSpec.right_padded`; lets cuDNN serve the mask).
+          branch_ids: [B, T] int shared-prompt pairs (``data.share_prompt``): 0 = a segment's prompt,
+            b > 0 = a response that attends to branch 0 and itself only (see
+            :class:`~jaxpref.models.attention.MaskSpec`); needs explicit ``positions``, no ``cache``.
 
         Returns:
           :class:`ModelOutput` with ``hidden`` [B, T, D] (compute dtype), ``logits`` and ``cache``.
         """
         cfg = self.config
         input_ids = jnp.asarray(input_ids, jnp.int32)
+        if branch_ids is not None and (cache is not None or positions is None):
+            raise ValueError("branch_ids (shared-prompt rows) need explicit positions and no KV cache")
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids)
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
@@ -143,7 +149,7 @@ class CausalLM(nnx.Module):
 
         if cache is None:
             kv, index = None, 0
-            mask = MaskSpec.self_attention(segment_ids, positions, sliding_window=cfg.sliding_window,
+            mask = MaskSpec.self_attention(segment_ids, positions, branch_ids, sliding_window=cfg.sliding_window,
                                            right_padded=right_padded)
         else:
             kv, index = (cache.k, cache.v), cache.index

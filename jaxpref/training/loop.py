@@ -39,6 +39,7 @@ from jaxpref.data import iterator as data_iterator
 from jaxpref.data import packing as data_packing
 from jaxpref.data import split as data_split
 from jaxpref.data import tokenize as data_tokenize
+from jaxpref.data.batching import choose_bucket
 from jaxpref.loading import (
     LoadedModel,
     check_same_architecture,
@@ -310,7 +311,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
                                    steps=steps)
         if kind == "preference":
             evaluator.prepare(run_dir, state.params, ref_params if cfg.reference.source else None, resume=resume)
-    it = open_iterator(cfg, data, ref_samples=samples, packing=pack_spec(cfg, data, mesh))
+    it = open_iterator(cfg, data, ref_samples=samples, packing=pack_spec(cfg, data, mesh),
+                       share_prompt=cfg.data.share_prompt)
     checkpointer, state, start = open_checkpoints(cfg, run_dir, state, it, resume)
     if syncing:
         _check_syncable(cfg, ref_params, state.params)
@@ -397,19 +399,46 @@ def jit_train_step(fn: Callable, kind: str, mesh, state_sh, batch, *, ref_sh=Non
     return steplib.jit_step(fn, state_sh, (batch_sh,))
 
 
-def open_iterator(cfg: RunConfig, data, ref_samples=None, packing: data_packing.PackSpec | None = None):
+def open_iterator(cfg: RunConfig, data, ref_samples=None, packing: data_packing.PackSpec | None = None,
+                  share_prompt: bool = False):
     """The run's deterministic, checkpointable, process-sharded batch iterator (``ref_samples``: attach
     :class:`~jaxpref.training.reference_samples.ReferenceSamples` to every pair batch; ``packing``:
-    yield :class:`~jaxpref.types.PackedPairBatch` of that shape, see :func:`pack_spec`)."""
+    yield :class:`~jaxpref.types.PackedPairBatch` of that shape, see :func:`pack_spec`; ``share_prompt``: the
+    caller's step takes shared-prompt rows)."""
     if cfg.data.packing and packing is None:
         raise RunError("data.packing=true is supported by train.preference only")
-    return data_iterator.batch_iterator(data, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                       shuffle=cfg.data.shuffle, buckets=tuple(cfg.data.buckets),
-                                       process_index=jax.process_index(), process_count=jax.process_count(),
-                                       ref_samples=ref_samples, packing=packing)
+    if cfg.data.share_prompt and not share_prompt:
+        raise RunError("data.share_prompt=true is supported by train.preference only")
+    it = data_iterator.batch_iterator(data, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                      shuffle=cfg.data.shuffle, buckets=tuple(cfg.data.buckets),
+                                      process_index=jax.process_index(), process_count=jax.process_count(),
+                                      ref_samples=ref_samples, packing=packing,
+                                      share_prompt=share_prompt and packing is None)
+    shapes = batch_shapes(it.dataset)
+    log.info("training batch shapes (per process, rows x tokens): at most %d, %s%s", len(shapes), shapes,
+             " (shared-prompt rows)" if cfg.data.share_prompt else "")
+    return it
+
+
+def batch_shapes(dataset: data_iterator.BatchDataset) -> list[tuple[int, int]]:
+    """The ladder of per-process ``[rows, T]`` batch shapes a run can see (one step compile each): the
+    packed shape, or one per bucket that fits the data's longest row (shared-prompt buckets when sharing)."""
+    b = dataset.local_batch_size
+    if dataset.packing is not None:
+        return [(dataset.packing.rows, dataset.packing.seq_len)]
+    if dataset.share_prompt:
+        return [(b, t) for t in dataset.shared_buckets]
+    rows = b if isinstance(dataset.data, data_tokenize.TokenizedSFT) else 2 * b
+    longest = int(dataset._lengths.max()) if len(dataset.data) else 1
+    return [(rows, t) for t in dataset.buckets if t < longest] + [(rows, choose_bucket(longest, dataset.buckets))]
 
 
 def _check_packing(cfg: RunConfig, kind: str, sample_terms: tuple[str, ...]) -> None:
+    if cfg.data.share_prompt and kind != "preference":
+        raise RunError(f"data.share_prompt=true lays out preference pairs; it does not apply to {kind} runs")
+    if cfg.data.share_prompt and sample_terms:
+        raise RunError(f"data.share_prompt=true cannot carry the reference samples that loss terms "
+                       f"{list(sample_terms)} need; set data.share_prompt=false")
     if not cfg.data.packing:
         return
     if kind != "preference":
@@ -437,15 +466,21 @@ def pack_spec(cfg: RunConfig, data, mesh) -> data_packing.PackSpec | None:
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
     devices = max(1, int(np.prod([mesh.shape[a] for a in batch_axes])) // procs)
     rows = cfg.data.pack_rows // procs
+    seq_len = cfg.data.max_length
+    share = cfg.data.share_prompt
+    if share:  # a [prompt | chosen | rejected] row may exceed max_length: rows of max_length * 2^j tokens
+        longest = int(data_packing.shared_lengths(data).max()) if len(data) else 1
+        while seq_len < longest:
+            seq_len *= 2
+    items = data_packing.shared_lengths(data)[:, None] if share else data.lengths()
     if not rows:
-        rows = data_packing.auto_rows(data.lengths(), cfg.train.batch_size // procs, cfg.data.max_length,
-                                      groups=k, devices=devices)
+        rows = data_packing.auto_rows(items, cfg.train.batch_size // procs, seq_len, groups=k, devices=devices)
     elif rows % (k * devices):
         raise RunError(f"data.pack_rows={cfg.data.pack_rows} gives {rows} rows per process, not a multiple of "
                        f"train.micro_batches x data-parallel devices per process = {k * devices}")
-    spec = data_packing.PackSpec(seq_len=cfg.data.max_length, rows=rows, groups=k)
-    log.info("packing pairs into %d rows x %d tokens per process batch (%d micro-batch groups)", rows,
-             spec.seq_len, k)
+    spec = data_packing.PackSpec(seq_len=seq_len, rows=rows, groups=k, share_prompt=share)
+    log.info("packing pairs into %d rows x %d tokens per process batch (%d micro-batch groups%s)", rows,
+             spec.seq_len, k, ", shared prompts" if share else "")
     return spec
 
 

@@ -116,6 +116,7 @@ def packed_pair_logps(graphdef, params, rest, batch: PackedPairBatch, *, num_seg
                       **chunks) -> tuple[Array, Array]:
     """Packed pairs: ONE forward of the ``[R, T]`` rows and ONE chunked log-prob pass, summed per
     segment (:func:`jaxpref.logprobs.segment_logprobs`) and gathered by ``batch.pair_segments``.
+    Shared-prompt rows (``batch.branch_ids``) compute each prompt once per pair.
 
     Args:
       num_segments: ``2 B + 1`` of the *whole* batch (segment ids are global batch slots, also
@@ -125,10 +126,11 @@ def packed_pair_logps(graphdef, params, rest, batch: PackedPairBatch, *, num_seg
       ``(sums [B, 2], counts [B, 2])`` as :func:`pair_logps` (0 for padding pairs).
     """
     model = merge_model(graphdef, params, rest)
-    out = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids)
+    branch = {} if batch.branch_ids is None else {"branch_ids": batch.branch_ids}  # shared-prompt rows
+    out = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids, **branch)
     matrix, layout = model.unembedding()
     lp = logprobs.segment_logprobs(out.hidden, matrix, batch.input_ids, batch.loss_mask, batch.segment_ids,
-                                   num_segments=num_segments, layout=layout, **chunks)
+                                   batch.branch_ids, num_segments=num_segments, layout=layout, **chunks)
     return lp.sums[batch.pair_segments], lp.counts[batch.pair_segments]
 
 
@@ -144,7 +146,8 @@ def batch_pair_logps(graphdef, params, rest, batch: PairBatch | PackedPairBatch,
 def pair_counts(batch: PairBatch | PackedPairBatch) -> Array:
     """[B, 2] float32 response (target) tokens of chosen and rejected, padded or packed."""
     if isinstance(batch, PackedPairBatch):
-        per_segment = logprobs.segment_counts(batch.loss_mask, batch.segment_ids, batch.num_segments)
+        per_segment = logprobs.segment_counts(batch.loss_mask, batch.segment_ids, batch.num_segments,
+                                              batch.branch_ids)
         return per_segment[batch.pair_segments]
     return batch.loss_mask[..., 1:].sum(-1).astype(jnp.float32)
 

@@ -27,7 +27,9 @@ tokens, reduced over the batch). A tile is dead when it provably has no visible 
 * causal: every key is lexicographically after every query (later segment, or same segment
   and later position);
 * window: every query is at least W positions after every key of its segment;
-* segments: the tiles' segment ranges do not overlap; or one side is all padding.
+* segments: the tiles' segment ranges do not overlap; or one side is all padding;
+* branches (shared-prompt pairs): the key tile holds no shared-prompt token (branch 0) and the
+  branch ranges of its keys and of the query tile's response tokens (branch > 0) do not overlap.
 
 Each query tile loops only between its first and last live key tile (causal and window
 skipping by index bounds) and a ``lax.cond`` skips dead tiles in between (packing). Skipping is
@@ -98,8 +100,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *, scale: f
     qg = pad(q, tp).reshape(b, tp, kvh, h // kvh, hd)
     masks = tuple(jnp.asarray(pad(x, n), jnp.int32) for x, n in (
         (spec.q_segment_ids, tp), (spec.q_positions, tp), (spec.kv_segment_ids, sp), (spec.kv_positions, sp)))
+    branches = (None, None)
+    if spec.has_branches:
+        branches = (jnp.asarray(pad(spec.q_branch_ids, tp), jnp.int32),
+                    jnp.asarray(pad(spec.kv_branch_ids, sp), jnp.int32))
     static = _Static(bool(spec.causal), spec.sliding_window, spec.softcap, float(scale), bq, bk)
-    out = _flash(static, qg, pad(k, sp), pad(v, sp), *masks)
+    out = _flash(static, qg, pad(k, sp), pad(v, sp), *masks, *branches)
     return out[:, :t].reshape(b, t, h, hd)
 
 
@@ -118,7 +124,16 @@ def _lex_stats(seg: jax.Array, pos: jax.Array, block: int):
     return jnp.any(valid, -1), smin, pmin, smax, pmax
 
 
-def live_tiles(static: _Static, qseg, qpos, kseg, kpos) -> jax.Array:
+def _branch_stats(seg: jax.Array, branch: jax.Array, block: int):
+    """Per tile: (any shared-prompt token, min and max branch of the response tokens), [B, n]."""
+    b, n = seg.shape[0], seg.shape[1] // block
+    seg, branch = seg.reshape(b, n, block), branch.reshape(b, n, block)
+    resp = (seg != 0) & (branch != 0)
+    return (jnp.any((seg != 0) & (branch == 0), -1), jnp.min(jnp.where(resp, branch, _BIG), -1),
+            jnp.max(jnp.where(resp, branch, -_BIG), -1))
+
+
+def live_tiles(static: _Static, qseg, qpos, kseg, kpos, qbr=None, kbr=None) -> jax.Array:
     """[num_q_tiles, num_kv_tiles] bool: False only where no batch row has a visible pair."""
     qa, qsmin, qpmin, qsmax, qpmax = (x[:, :, None] for x in _lex_stats(qseg, qpos, static.block_q))
     ka, ksmin, kpmin, ksmax, kpmax = (x[:, None, :] for x in _lex_stats(kseg, kpos, static.block_kv))
@@ -127,6 +142,10 @@ def live_tiles(static: _Static, qseg, qpos, kseg, kpos) -> jax.Array:
         live &= (ksmin < qsmax) | ((ksmin == qsmax) & (kpmin <= qpmax))
     if static.window is not None:  # some query (seg, pos) < some key (seg, pos + W)
         live &= (qsmin < ksmax) | ((qsmin == ksmax) & (qpmin < kpmax + static.window))
+    if qbr is not None:  # a visible pair needs a branch-0 key, or a key of the query's own branch (> 0)
+        _, qbmin, qbmax = (x[:, :, None] for x in _branch_stats(qseg, qbr, static.block_q))
+        kzero, kbmin, kbmax = (x[:, None, :] for x in _branch_stats(kseg, kbr, static.block_kv))
+        live &= kzero | ((qbmin <= kbmax) & (kbmin <= qbmax))
     return jnp.any(live, axis=0)
 
 
@@ -141,40 +160,43 @@ def _bounds(row: jax.Array) -> tuple[jax.Array, jax.Array]:
 # ----------------------------------------------------------------------------------- tiles
 
 
-def _tile_scores(static: _Static, spec: MaskSpec, qi, kj, qseg, qpos, kseg, kpos):
+def _tile_scores(static: _Static, spec: MaskSpec, qi, kj, qseg, qpos, kseg, kpos, qbr=None, kbr=None):
     """Masked float32 scores of one tile [B, KV, G, bq, bk] and tanh(raw / cap) (for the cap's derivative)."""
     raw = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=F32) * F32(static.scale)
     tanh = None
     if static.softcap is not None:
         tanh = jnp.tanh(raw / static.softcap)
         raw = static.softcap * tanh
-    mask = spec.visible(qseg[:, :, None], qpos[:, :, None], kseg[:, None, :], kpos[:, None, :])
+    branches = (None, None) if qbr is None else (qbr[:, :, None], kbr[:, None, :])
+    mask = spec.visible(qseg[:, :, None], qpos[:, :, None], kseg[:, None, :], kpos[:, None, :], *branches)
     return jnp.where(mask[:, None, None], raw, -jnp.inf), tanh
 
 
-def _spec(static: _Static, *masks) -> MaskSpec:
-    return MaskSpec(*masks, causal=static.causal, sliding_window=static.window, softcap=static.softcap)
+def _spec(static: _Static, qseg, qpos, kseg, kpos, qbr, kbr) -> MaskSpec:
+    return MaskSpec(qseg, qpos, kseg, kpos, causal=static.causal, sliding_window=static.window,
+                    softcap=static.softcap, q_branch_ids=qbr, kv_branch_ids=kbr)
 
 
 def _slice(x, start, size):
-    return lax.dynamic_slice_in_dim(x, start, size, axis=1)
+    return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
 
-def _forward(static: _Static, q, k, v, qseg, qpos, kseg, kpos):
+def _forward(static: _Static, q, k, v, qseg, qpos, kseg, kpos, qbr=None, kbr=None):
     """(out [B, T, KV, G, hd] in q.dtype, lse [B, T, KV, G] float32, live table)."""
     b, tp, kvh, g, hd = q.shape
     bq, bk = static.block_q, static.block_kv
-    spec = _spec(static, qseg, qpos, kseg, kpos)
-    live = live_tiles(static, qseg, qpos, kseg, kpos)
+    spec = _spec(static, qseg, qpos, kseg, kpos, qbr, kbr)
+    live = live_tiles(static, qseg, qpos, kseg, kpos, qbr, kbr)
 
     def q_tile(i):
         q0 = i * bq
-        qi, qs, qp = _slice(q, q0, bq), _slice(qseg, q0, bq), _slice(qpos, q0, bq)
+        qi, qs, qp, qb = _slice(q, q0, bq), _slice(qseg, q0, bq), _slice(qpos, q0, bq), _slice(qbr, q0, bq)
 
         def update(j, carry):
             m, l, acc = carry
             k0 = j * bk
-            s, _ = _tile_scores(static, spec, qi, _slice(k, k0, bk), qs, qp, _slice(kseg, k0, bk), _slice(kpos, k0, bk))
+            s, _ = _tile_scores(static, spec, qi, _slice(k, k0, bk), qs, qp, _slice(kseg, k0, bk), _slice(kpos, k0, bk),
+                                qb, _slice(kbr, k0, bk))
             m_new = jnp.maximum(m, jnp.max(s, -1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # rows with nothing visible yet
             p = jnp.exp(s - m_safe[..., None])
@@ -201,22 +223,24 @@ def _forward(static: _Static, q, k, v, qseg, qpos, kseg, kpos):
     return out, lse, live
 
 
-def _backward(static: _Static, q, k, v, qseg, qpos, kseg, kpos, out, lse, live, dout):
+def _backward(static: _Static, q, k, v, qseg, qpos, kseg, kpos, qbr, kbr, out, lse, live, dout):
     """(dq, dk, dv) in the input dtypes, float32 accumulation (FlashAttention-2 Alg. 2)."""
     b, tp, kvh, g, hd = q.shape
     sp, bq, bk = k.shape[1], static.block_q, static.block_kv
-    spec = _spec(static, qseg, qpos, kseg, kpos)
+    spec = _spec(static, qseg, qpos, kseg, kpos, qbr, kbr)
     delta = jnp.sum(dout.astype(F32) * out.astype(F32), -1)  # [B, T, KV, G]
 
     def kv_tile(dq, j):
         k0 = j * bk
         kj, vj, ks, kp = _slice(k, k0, bk), _slice(v, k0, bk), _slice(kseg, k0, bk), _slice(kpos, k0, bk)
+        kb = _slice(kbr, k0, bk)
 
         def update(i, carry):
             dq, dk, dv = carry
             q0 = i * bq
             qi, doi = _slice(q, q0, bq), _slice(dout, q0, bq)
-            s, tanh = _tile_scores(static, spec, qi, kj, _slice(qseg, q0, bq), _slice(qpos, q0, bq), ks, kp)
+            s, tanh = _tile_scores(static, spec, qi, kj, _slice(qseg, q0, bq), _slice(qpos, q0, bq), ks, kp,
+                                   _slice(qbr, q0, bq), kb)
             lse_i = jnp.moveaxis(_slice(lse, q0, bq), 1, -1)  # [B, KV, G, bq]
             p = jnp.exp(s - lse_i[..., None])  # masked entries: exp(-inf) = 0
             dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(doi.dtype), doi, preferred_element_type=F32)
@@ -244,20 +268,21 @@ def _backward(static: _Static, q, k, v, qseg, qpos, kseg, kpos, out, lse, live, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static, q, k, v, qseg, qpos, kseg, kpos):
-    """[B, T, KV, G, hd] grouped queries -> output of the same shape (differentiable in q, k, v)."""
-    return _forward(static, q, k, v, qseg, qpos, kseg, kpos)[0]
+def _flash(static, q, k, v, qseg, qpos, kseg, kpos, qbr, kbr):
+    """[B, T, KV, G, hd] grouped queries -> output of the same shape (differentiable in q, k, v);
+    ``qbr`` / ``kbr``: branch ids or None."""
+    return _forward(static, q, k, v, qseg, qpos, kseg, kpos, qbr, kbr)[0]
 
 
-def _flash_fwd(static, q, k, v, qseg, qpos, kseg, kpos):
-    out, lse, live = _forward(static, q, k, v, qseg, qpos, kseg, kpos)
-    return out, (q, k, v, qseg, qpos, kseg, kpos, out, lse, live)
+def _flash_fwd(static, q, k, v, qseg, qpos, kseg, kpos, qbr, kbr):
+    out, lse, live = _forward(static, q, k, v, qseg, qpos, kseg, kpos, qbr, kbr)
+    return out, (q, k, v, qseg, qpos, kseg, kpos, qbr, kbr, out, lse, live)
 
 
 def _flash_bwd(static, residuals, dout):
-    q, k, v, qseg, qpos, kseg, kpos, out, lse, live = residuals
-    dq, dk, dv = _backward(static, q, k, v, qseg, qpos, kseg, kpos, out, lse, live, dout)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, qseg, qpos, kseg, kpos, qbr, kbr, out, lse, live = residuals
+    dq, dk, dv = _backward(static, q, k, v, qseg, qpos, kseg, kpos, qbr, kbr, out, lse, live, dout)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -34,6 +34,8 @@ def unsupported(spec: MaskSpec, dtype, head_dim: int) -> str | None:
     del dtype, head_dim
     if spec.q_len != spec.kv_len:
         return f"queries ({spec.q_len}) and keys ({spec.kv_len}) differ (KV-cache step)"
+    if spec.has_branches:
+        return "shared-prompt branch ids (a response sees the prompt and itself only) are not a splash mask"
     return None
 
 

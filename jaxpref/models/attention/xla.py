@@ -19,8 +19,10 @@ F32 = jnp.float32
 
 def dense_mask(spec: MaskSpec) -> jax.Array:
     """The mask a :class:`MaskSpec` describes, as ``[B, 1, T, S]`` bool."""
+    branches = ((spec.q_branch_ids[:, :, None], spec.kv_branch_ids[:, None, :]) if spec.has_branches
+                else (None, None))
     visible = spec.visible(spec.q_segment_ids[:, :, None], spec.q_positions[:, :, None],
-                           spec.kv_segment_ids[:, None, :], spec.kv_positions[:, None, :])
+                           spec.kv_segment_ids[:, None, :], spec.kv_positions[:, None, :], *branches)
     return visible[:, None]
 
 
