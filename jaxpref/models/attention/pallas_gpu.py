@@ -36,7 +36,7 @@ def unsupported(spec: MaskSpec, dtype, head_dim: int) -> str | None:
     if spec.q_len != spec.kv_len:
         return f"queries ({spec.q_len}) and keys ({spec.kv_len}) differ (KV-cache step)"
     if spec.has_branches:
-        return "shared-prompt branch ids (a response sees the prompt and itself only) are not a the Pallas GPU kernel mask"
+        return "shared-prompt branch ids are not a Pallas GPU kernel mask"
     if spec.sliding_window is not None:
         return "the Pallas GPU kernel has no sliding window"
     if spec.softcap is not None:
