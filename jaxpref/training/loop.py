@@ -519,8 +519,9 @@ def _reference_params(cfg: RunConfig, policy_params, mesh):
     """Frozen reference params: a copy of the initial policy, or another model's params."""
     if cfg.reference.source is None:
         return jax.tree.map(lambda x: x.copy(), policy_params)  # never donated, never updated
+    # the policy's layer layout: one graphdef runs both (and TR-DPO mixes their parameters)
     ref = load_model(cfg.reference.source, seed=cfg.train.seed, mesh=mesh, dtype=cfg.model.compute_dtype,
-                     param_dtype=cfg.model.param_dtype)
+                     param_dtype=cfg.model.param_dtype, overrides={"scan_layers": cfg.model.scan_layers})
     return nnx.split(ref.model, nnx.Param, ...)[1]
 
 
