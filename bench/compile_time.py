@@ -12,6 +12,8 @@ tiny model the worker then also runs two steps on real weights (the same seed in
 same weights) and records the step time and the loss and gradient norm, which must agree between layouts.
 
 Models:
+  * ``tiny1``: the same with 1 layer: the step's depth-independent compile cost (loss, log-probs, optimizer),
+    so ``(tiny32 - tiny1) / 31`` is the compile cost of one more layer in each layout;
   * ``tiny32``: ``tiny_llama`` with 32 layers (D 32, 4 heads / 2 KV heads, V 128), 4 pairs x 64 tokens;
   * ``smollm2_135m``: SmolLM2-135M's shape (30 layers, D 576, V 49152; random init), 2 pairs x 128 tokens.
 
@@ -33,6 +35,7 @@ sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))  # this che
 import _common  # noqa: E402
 
 MODELS = {
+    "tiny1": {"preset": "tiny_llama", "overrides": {"num_layers": 1}, "pairs": 4, "seq": 64, "run": False},
     "tiny32": {"preset": "tiny_llama", "overrides": {"num_layers": 32}, "pairs": 4, "seq": 64, "run": True},
     "smollm2_135m": {"preset": "smollm2_135m", "overrides": {}, "pairs": 2, "seq": 128, "run": False},
 }
@@ -93,7 +96,7 @@ def run_worker(name: str, scan: bool) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="tiny32,smollm2_135m")
+    ap.add_argument("--models", default="tiny1,tiny32,smollm2_135m")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -123,6 +126,10 @@ def main(argv=None) -> None:
         s, u = med["scanned"], med["unrolled"]
         summary[name] = {**med, "speedup_total": u["total_s"] / s["total_s"],
                          "speedup_compile": u["compile_s"] / s["compile_s"]}
+    if "tiny1" in summary and "tiny32" in summary:
+        for layout in ("scanned", "unrolled"):
+            summary["tiny32"][layout]["per_extra_layer_s"] = (
+                summary["tiny32"][layout]["total_s"] - summary["tiny1"][layout]["total_s"]) / 31
     payload = {"env": _common.env(), "load_avg": {"before": load_before, "after": _common.load_avg()},
                "config": {"models": {k: MODELS[k] for k in args.models.split(",")}, "rounds": args.rounds,
                           "step": "make_preference_step sigmoid beta 0.1, live reference, adamw clip 1.0, "

@@ -29,10 +29,10 @@ from jaxpref.testing.models import fast_compile, random_model
 from jaxpref.testing.tolerances import logits_tol, relative_tol, token_logp_tol, transformer_chain_length
 from jaxpref.training import checkpoint as ckpt
 
-# log-probs and gradients (one compile per family and layout: ~1.5 s of CPU each at the suite's -O0)
-GRAD_FAMILIES = ("tiny_llama", "tiny_gpt_neox", "tiny_gpt2")
-# log-probs only (a forward compiles in a third of that)
-FORWARD_FAMILIES = ("tiny_gemma", "tiny_mistral")
+# Compile time dominates (~1.5 s of CPU per tiny forward + backward at the suite's -O0), so the models of
+# each kind of check share one jitted program: a module fixture evaluates them all at once.
+GRAD_FAMILIES = ("tiny_llama", "tiny_gpt2")  # log-probs and gradients (+ tiny_llama with remat)
+FORWARD_FAMILIES = ("tiny_gemma", "tiny_gpt_neox", "tiny_mistral", "tiny_qwen2")  # log-probs
 T = 12
 
 
@@ -77,39 +77,63 @@ def _stacked_view(unrolled: dict[str, np.ndarray], num_layers: int) -> dict[str,
     return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logps_and_grads(graphdef, params, rest, ids, seg):
-    """([1, T-1] next-token log-probs (0 off-segment), gradient of the row's log-prob sum)."""
-
-    def row(p):
-        logits = nnx.merge(graphdef, p, rest)(ids, segment_ids=seg, return_logits=True).logits
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1)[..., 0]
-        lp = jnp.where((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0), lp, 0.0)
-        return lp.sum(), lp
-
-    grads, lp = jax.grad(row, has_aux=True)(params)
-    return lp, grads
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _logps(graphdef, params, rest, ids, seg):
+def _row_logps(graphdef, params, rest, ids, seg):
+    """[1, T-1] next-token log-probs of the row (0 across segment boundaries and on padding)."""
     logits = nnx.merge(graphdef, params, rest)(ids, segment_ids=seg, return_logits=True).logits
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1)[..., 0]
     return jnp.where((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0), lp, 0.0)
 
 
-_RESULTS: dict = {}
+def _sum_and_logps(params, graphdef, rest, ids, seg):
+    lp = _row_logps(graphdef, params, rest, ids, seg)
+    return lp.sum(), lp
 
 
-def _run(model, ids, seg):
-    """Cached per model config (one compile each): (log-probs, flat gradients in the stacked layout)."""
-    key = (model.config, ids.tobytes(), seg.tobytes())
-    if key not in _RESULTS:
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        lp, grads = _logps_and_grads(graphdef, params, rest, ids, seg)
-        grads = _flat(grads)
-        _RESULTS[key] = np.asarray(lp), grads if model.config.scan_layers else _stacked_view(grads, 2)
-    return _RESULTS[key]
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _evaluate(graphdefs, with_grads: bool, states, ids, seg):
+    """For each model: (log-probs, gradient of the row's log-prob sum or None), all in one program."""
+    out = []
+    for graphdef, (params, rest) in zip(graphdefs, states, strict=True):
+        if with_grads:
+            grads, lp = jax.grad(_sum_and_logps, has_aux=True)(params, graphdef, rest, ids, seg)
+            out.append((lp, grads))
+        else:
+            out.append((_row_logps(graphdef, params, rest, ids, seg), None))
+    return out
+
+
+def _evaluate_models(models: dict, with_grads: bool, ids, seg) -> dict:
+    """name -> (log-probs [1, T-1], flat gradients in the stacked layout or None)."""
+    split = {k: nnx.split(m, nnx.Param, ...) for k, m in models.items()}
+    results = _evaluate(tuple(gd for gd, _, _ in split.values()), with_grads,
+                        [(p, r) for _, p, r in split.values()], ids, seg)
+    out = {}
+    for (key, model), (lp, grads) in zip(models.items(), results, strict=True):
+        if grads is not None:
+            grads = _flat(grads)
+            grads = grads if model.config.scan_layers else _stacked_view(grads, model.config.num_layers)
+        out[key] = (np.asarray(lp), grads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grad_results():
+    """(family, layout) -> log-probs and gradients, layouts ``unrolled``, ``scanned``, ``scanned+remat``."""
+    models = {}
+    for name in GRAD_FAMILIES:
+        models[name, "unrolled"], models[name, "scanned"] = _pair_models(name)
+    scanned = models["tiny_llama", "scanned"]
+    remat = abstract_model(scanned.config.replace(remat=True, remat_policy="full"))
+    models["tiny_llama", "scanned+remat"] = nnx.merge(nnx.split(remat)[0], nnx.state(scanned))
+    return models, _evaluate_models(models, True, *_row(128))
+
+
+@pytest.fixture(scope="module")
+def forward_results():
+    models = {}
+    for name in FORWARD_FAMILIES:
+        models[name, "unrolled"], models[name, "scanned"] = _pair_models(name)
+    return models, _evaluate_models(models, False, *_row(128))
 
 
 def _assert_same_logps_and_grads(cfg: ModelConfig, got, want) -> None:
@@ -142,22 +166,22 @@ def test_stacked_parameters_are_the_unrolled_layers():
 
 
 @pytest.mark.parametrize("name", GRAD_FAMILIES)
-def test_scanned_equals_unrolled_logps_and_gradients(name):
-    """tiny_llama: RoPE + GQA; tiny_gpt_neox: parallel residual + partial rotary; tiny_gpt2: learned positions,
-    biases, layer norms; one row with two packed sequences and padding."""
-    unrolled, scanned = _pair_models(name)
-    ids, seg = _row(unrolled.config.vocab_size)
-    _assert_same_logps_and_grads(unrolled.config, _run(scanned, ids, seg), _run(unrolled, ids, seg))
+def test_scanned_equals_unrolled_logps_and_gradients(grad_results, name):
+    """tiny_llama: RoPE + GQA; tiny_gpt2: learned positions (outside the scan), biases, layer norms; one row
+    with two packed sequences and padding."""
+    models, results = grad_results
+    _assert_same_logps_and_grads(models[name, "unrolled"].config, results[name, "scanned"],
+                                 results[name, "unrolled"])
 
 
 @pytest.mark.parametrize("name", FORWARD_FAMILIES)
-def test_scanned_equals_unrolled_logps(name):
-    """tiny_gemma: (1 + w) norms, scaled embeddings, tied; tiny_mistral: a 4-token window (shorter than T)."""
-    unrolled, scanned = _pair_models(name)
-    ids, seg = _row(unrolled.config.vocab_size)
-    want = np.asarray(_logps(*nnx.split(unrolled, nnx.Param, ...), ids, seg), np.float64)
-    got = np.asarray(_logps(*nnx.split(scanned, nnx.Param, ...), ids, seg), np.float64)
-    assert np.all(np.abs(got - want) <= token_logp_tol(unrolled.config, T, want)) and np.abs(want).max() > 1.0
+def test_scanned_equals_unrolled_logps(forward_results, name):
+    """tiny_gemma: (1 + w) norms, scaled embeddings, tied; tiny_gpt_neox: parallel residual, partial rotary;
+    tiny_mistral: a 4-token window (shorter than T); tiny_qwen2: q/k/v biases."""
+    models, results = forward_results
+    want, got = results[name, "unrolled"][0].astype(np.float64), results[name, "scanned"][0]
+    assert np.all(np.abs(got - want) <= token_logp_tol(models[name, "unrolled"].config, T, want))
+    assert np.abs(want).max() > 1.0
 
 
 def _saved_residual_bytes(fn, *args) -> int:
@@ -174,12 +198,13 @@ def _saved_residual_bytes(fn, *args) -> int:
                for dims in re.findall(r"^f32\[([\d,]*)\]", buf.getvalue(), flags=re.M))
 
 
-def test_remat_inside_scan_same_gradients_fewer_residuals():
-    unrolled, scanned = _pair_models("tiny_llama")
-    cfg = scanned.config
-    remat = nnx.merge(nnx.split(abstract_model(cfg.replace(remat=True)))[0], nnx.state(scanned))
-    ids, seg = _row(cfg.vocab_size)
-    _assert_same_logps_and_grads(cfg, _run(remat, ids, seg), _run(unrolled, ids, seg))
+def test_remat_inside_scan_same_gradients_fewer_residuals(grad_results):
+    models, results = grad_results
+    remat, scanned = models["tiny_llama", "scanned+remat"], models["tiny_llama", "scanned"]
+    assert remat.config.remat and remat.config.scan_layers
+    _assert_same_logps_and_grads(remat.config, results["tiny_llama", "scanned+remat"],
+                                 results["tiny_llama", "unrolled"])
+    ids, _ = _row(128)
 
     def residuals(model):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -320,11 +345,12 @@ def test_config_field_and_cli_override():
     assert ModelConfig.from_hf_config(model_cfg.to_hf_config(), scan_layers=True) == model_cfg
 
 
-def test_sharded_scanned_model(eight_devices):
+def test_sharded_scanned_model(eight_devices, forward_results):
     """fsdp / tensor sharding of the per-layer axes after the replicated ``layers`` axis; the same log-probs
-    and gradients as on one device."""
+    as the unrolled model on one device."""
+    models, results = forward_results
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices=eight_devices)
-    unrolled, scanned = _pair_models("tiny_qwen2")  # 2 kv heads: split over tensor=2; q/k/v biases
+    scanned = models["tiny_qwen2", "scanned"]  # 2 kv heads: split over tensor=2; q/k/v biases
     graphdef, params, rest = nnx.split(scanned, nnx.Param, ...)
     sharded = nnx.merge(graphdef, place_params(params, mesh), rest)
     spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
@@ -333,6 +359,6 @@ def test_sharded_scanned_model(eight_devices):
     assert spec(sharded.layers.attn.out_nhd[...]) == (None, "tensor", None, "fsdp")
     assert spec(sharded.layers.mlp.down_fd[...]) == (None, "tensor", "fsdp")
     assert spec(sharded.layers.attn.query_bias_nh[...]) == (None, "tensor", None)
-    ids, seg = _row(unrolled.config.vocab_size)
-    lp, grads = _logps_and_grads(graphdef, nnx.state(sharded, nnx.Param), rest, ids, seg)
-    _assert_same_logps_and_grads(unrolled.config, (np.asarray(lp), _flat(grads)), _run(unrolled, ids, seg))
+    got = _evaluate_models({"sharded": sharded}, False, *_row(128))["sharded"][0]
+    want = results["tiny_qwen2", "unrolled"][0].astype(np.float64)
+    assert np.all(np.abs(got - want) <= token_logp_tol(scanned.config, T, want))

@@ -75,24 +75,27 @@ def scan_blocks(blocks: Block, x_btd, *, mask, rope, kv=None, index=0, remat: bo
       blocks: a :class:`Block` whose parameters have a leading ``[L]`` axis.
       x_btd: [B, T, D] input of the first layer.
       mask, rope, index: as for :meth:`Block.__call__` (shared by every layer).
-      kv: (k, v) cache buffers [L, B, S, KV, hd] or None; layer ``i`` reads and writes slice ``i``.
+      kv: (k, v) cache buffers [L, B, S, KV, hd] or None. They travel in the scan's carry and layer
+        ``i`` writes its slot range of slice ``i`` in place, as the unrolled loop does (no per-layer
+        copy of the cache).
 
     Returns:
       ([B, T, D] output of the last layer, updated (k, v) buffers or None).
     """
     graphdef, state = nnx.split(blocks)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
 
-    def body(x, xs):
-        layer_state, layer_kv = xs
-        block = nnx.merge(graphdef, layer_state)
-        cache = None if layer_kv is None else (layer_kv[0][None], layer_kv[1][None])
-        x, cache = block(x, mask=mask, rope=rope, cache=cache, layer=0, index=index)
-        return x, None if cache is None else (cache[0][0], cache[1][0])
+    def body(carry, xs):
+        x, cache = carry
+        layer_state, layer = xs
+        x, cache = nnx.merge(graphdef, layer_state)(x, mask=mask, rope=rope, cache=cache, layer=layer, index=index)
+        return (x, cache), None
 
-    if remat:  # prevent_cse=False: the scan already keeps XLA from merging the recomputation away
+    if remat:  # prevent_cse=False: inside a scan, XLA cannot merge the recomputation away anyway
         body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat_policy]),
                               prevent_cse=False)
-    return jax.lax.scan(body, x_btd, (state, kv))
+    (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), (state, jnp.arange(num_layers, dtype=jnp.int32)))
+    return x_btd, kv
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

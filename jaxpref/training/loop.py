@@ -179,7 +179,10 @@ def setup_run(cfg: RunConfig, mesh, *, resume: bool, extra_meta: dict[str, Any] 
         check_same_architecture(json.loads(saved_model.read_text()), m.source, m.overrides,
                                 f"resume of {saved_model.parent}")
     run_dir = prepare_run_dir(cfg, resume)
-    loaded = load_model(m.source, overrides=m.model_overrides(), seed=cfg.train.seed, mesh=mesh,
+    # scan_layers explicitly: a run: source would otherwise keep its own layout, and the reference
+    # (_reference_params) is loaded in this one
+    loaded = load_model(m.source, overrides={**m.model_overrides(), "scan_layers": m.scan_layers},
+                        seed=cfg.train.seed, mesh=mesh,
                         dtype=m.compute_dtype, param_dtype=m.param_dtype)
     loaded.tokenizer_spec = m.tokenizer or loaded.tokenizer_spec
     if tokenizer is None:
