@@ -56,6 +56,8 @@ class ModelRunConfig:
         :class:`jaxpref.models.ModelConfig`.
       attention: attention backend ``auto | xla | blocked | cudnn | splash | pallas_gpu``
         (:mod:`jaxpref.models.attention`).
+      scan_layers: stack the layers' parameters on a leading ``layers`` axis and run them under
+        ``lax.scan`` (compile time flat in depth; same numbers). Checkpoints convert between layouts.
     """
 
     source: str = "preset:tiny_llama"
@@ -66,12 +68,16 @@ class ModelRunConfig:
     remat: bool = False
     remat_policy: str = "full"
     attention: str = "auto"
+    scan_layers: bool = False
 
     def model_overrides(self) -> dict[str, Any]:
-        """``overrides`` plus the rematerialisation and attention settings: what model loading applies."""
+        """``overrides`` plus the rematerialisation, attention and layer-layout settings: what model loading
+        applies."""
         extra = {"remat": True, "remat_policy": self.remat_policy} if self.remat else {}
         if self.attention != "auto":
             extra["attention"] = self.attention
+        if self.scan_layers:
+            extra["scan_layers"] = True
         return {**self.overrides, **extra}
 
 

@@ -190,14 +190,16 @@ def parse_run_spec(rest: str) -> tuple[pathlib.Path, int | None]:
 
 
 # ModelConfig fields a ``run:`` spec may override: how the saved architecture is computed, not what it is.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "attention")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "attention", "scan_layers")
 
 
 def load_run_model(rest: str, mesh=None, **runtime) -> LoadedModel:
     """Policy of a jaxpref run checkpoint (``DIR`` or ``DIR@STEP``).
 
-    ``runtime``: :data:`RUNTIME_FIELDS` overrides (compute / parameter dtype, rematerialisation);
-    the saved parameters are cast to ``param_dtype`` on restore. Architecture overrides are refused.
+    ``runtime``: :data:`RUNTIME_FIELDS` overrides (compute / parameter dtype, rematerialisation, layer
+    layout); the saved parameters are cast to ``param_dtype`` on restore, and stacked / unstacked when
+    ``scan_layers`` differs from the run's (default: the run's layout, ``model.json``). Architecture
+    overrides are refused.
     """
     from jaxpref.training.checkpoint import restore_params
 
@@ -213,6 +215,7 @@ def load_run_model(rest: str, mesh=None, **runtime) -> LoadedModel:
         raise SpecError(f"model spec run:{rest}: the architecture of a run is fixed by its model.json; only "
                         f"{list(RUNTIME_FIELDS)} may differ, got " +
                         ", ".join(f"{k}={v!r} (saved: {s!r})" for k, (v, s) in sorted(clash.items())))
+    runtime = {"scan_layers": bool(meta.get("scan_layers", False)), **runtime}
     config = config.replace(**{k: v for k, v in runtime.items() if k in RUNTIME_FIELDS})
     # Without a mesh the restore target can be abstract (no init program to compile: ~0.2 s instead of
     # several seconds on CPU); with one, a real init gives the target shardings.
@@ -315,7 +318,8 @@ def check_vocab(model, tokenizer, spec: str) -> None:
 def model_meta(loaded: LoadedModel) -> dict:
     """What a run directory needs to rebuild the model and tokenizer later (``model.json``)."""
     return {"hf_config": loaded.model.config.to_hf_config(), "source": loaded.spec,
-            "tokenizer": loaded.tokenizer_spec, "jax_version": jax.__version__}
+            "tokenizer": loaded.tokenizer_spec, "scan_layers": loaded.model.config.scan_layers,
+            "jax_version": jax.__version__}
 
 
 def export_tokenizer(spec: str | None, out: str | pathlib.Path) -> str:

@@ -145,6 +145,9 @@ class ModelConfig:
         elementwise work; ``dots`` keeps every matmul output, attention scores included.
       attention: the attention backend, ``auto | xla | blocked | cudnn | splash | pallas_gpu``
         (:mod:`jaxpref.models.attention`); how attention is computed, not what it computes.
+      scan_layers: store the layers' parameters stacked on a leading ``layers`` axis and run them with
+        ``lax.scan`` (compile time flat in depth); same numbers as the unrolled loop
+        (:mod:`jaxpref.models.layer_stack`). Not written to ``config.json``: a runtime choice.
       initializer_range: std of the normal initialiser for random init [initializer_range].
       bos_token_id / eos_token_id / pad_token_id: carried for export and generation.
     """
@@ -174,6 +177,7 @@ class ModelConfig:
     remat: bool = False
     remat_policy: str = "full"
     attention: str = "auto"
+    scan_layers: bool = False
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None

@@ -6,7 +6,10 @@ sharded) safetensors checkpoint with ``safetensors``' NumPy backend, transformed
 :class:`~jaxpref.models.hf_keys.KeyRule`, cast to ``param_dtype`` and placed directly with its
 target ``NamedSharding`` when a mesh is given (each device only receives its slice). Every
 file key must be consumed (or be a known buffer) and every shape must match, else a
-``CheckpointMismatchError`` names the offending keys.
+``CheckpointMismatchError`` names the offending keys. Key tables name layers one by one
+(``layers.{i}.*``); a model with ``scan_layers`` reads and writes layer ``i`` of its stacked
+parameters through :func:`jaxpref.models.layer_stack.unrolled_paths`, so every family, and GGUF and
+llama2.c (which load through here), work in both layouts with no per-family code.
 
 Export: the same rules in reverse -> ``model.safetensors`` (metadata ``format: pt``) +
 ``config.json`` (+ ``generation_config.json`` and tokenizer files copied from a source dir),
@@ -34,6 +37,7 @@ from safetensors.numpy import save_file
 
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.hf_keys import KeyTable
+from jaxpref.models.layer_stack import unrolled_paths
 from jaxpref.models.registry import abstract_model, model_class
 from jaxpref.models.transformer import CausalLM
 from jaxpref.parallel import DEFAULT_RULES, state_shardings
@@ -101,7 +105,10 @@ def _table(config: ModelConfig) -> KeyTable:
 
 
 def _concrete_rules(config: ModelConfig, params: Mapping[str, object]):
-    """Expanded ``(rule, hf names, param paths)`` for every rule whose parameters the model has."""
+    """Expanded ``(rule, hf names, param paths)`` for every rule whose parameters the model has.
+
+    ``params`` is keyed by *unrolled* paths (``layers.{i}.*``), whatever the model's layout.
+    """
     out = []
     for r in _table(config).all_rules(config.tie_word_embeddings):
         for hf_names, paths in r.expand(config.num_layers):
@@ -113,6 +120,11 @@ def _concrete_rules(config: ModelConfig, params: Mapping[str, object]):
     return out
 
 
+def _layer_view(config: ModelConfig, flat: Mapping[str, nnx.Variable]) -> dict[str, tuple[str, int | None]]:
+    """Unrolled path -> (the model's parameter path, layer index in a stacked parameter or None)."""
+    return unrolled_paths({p: tuple(v.get_value().shape) for p, v in flat.items()}, config.num_layers)
+
+
 def params_from_hf(
     config: ModelConfig,
     tensors: Mapping[str, np.ndarray],
@@ -121,6 +133,10 @@ def params_from_hf(
     rules=DEFAULT_RULES,
 ) -> CausalLM:
     """Builds a model of ``config`` whose parameters come from HF-named ``tensors``.
+
+    Works in both layer layouts (``config.scan_layers``): the key table names layers one by one,
+    and a stacked parameter is assembled on the host from its L per-layer tensors before it is
+    placed (peak host memory: one stacked parameter).
 
     Args:
       config: the target architecture and dtypes.
@@ -134,14 +150,29 @@ def params_from_hf(
     """
     graphdef, state = nnx.split(abstract_model(config))
     flat = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
+    view = _layer_view(config, flat)
     shardings = None
     if mesh is not None:
         shardings = {_path_str(p): s for p, s in nnx.to_flat_state(state_shardings(state, mesh, rules))}
     table, dtype = _table(config), config.jnp_param_dtype
     shape_of = tensors.shape if isinstance(tensors, SafetensorsCheckpoint) else (lambda k: tuple(tensors[k].shape))
 
-    concrete = _concrete_rules(config, flat)
-    uncovered = sorted(set(flat) - {p for _, _, paths in concrete for p in paths})
+    def place(path: str, value: np.ndarray) -> None:
+        if shardings is None:
+            array = jnp.asarray(value)
+        else:  # each device (and host) only materialises its own slice.
+            array = jax.make_array_from_callback(value.shape, shardings[path], lambda idx, v=value: v[idx])
+        flat[path].set_value(array)
+
+    def target_shape(unrolled: str) -> tuple[int, ...]:
+        path, layer = view[unrolled]
+        shape = tuple(flat[path].get_value().shape)
+        return shape if layer is None else shape[1:]
+
+    stacked: dict[str, np.ndarray] = {}  # stacked path -> host buffer [L, ...], placed once complete
+    filled: dict[str, int] = {}
+    concrete = _concrete_rules(config, view)
+    uncovered = sorted(set(view) - {p for _, _, paths in concrete for p in paths})
     consumed, missing, errors = set(), [], []
     for r, hf_names, paths in concrete:
         key = next((k for k in hf_names if k in tensors), None)
@@ -149,19 +180,24 @@ def params_from_hf(
             missing.append(hf_names[0])
             continue
         consumed.add(key)
-        targets = [tuple(flat[p].get_value().shape) for p in paths]
+        targets = [target_shape(p) for p in paths]
         expected = tuple(r.transform.hf_shape(targets))
         if shape_of(key) != expected:
             errors.append(f"{key}: checkpoint shape {shape_of(key)}, expected {expected} "
                           f"(for {', '.join(paths)} of shapes {targets})")
             continue
-        for path, value in zip(paths, r.transform.to_jax(np.asarray(tensors[key]), targets), strict=True):
-            value = np.ascontiguousarray(value.astype(dtype, copy=False))
-            if shardings is None:
-                array = jnp.asarray(value)
-            else:  # each device (and host) only materialises its own slice.
-                array = jax.make_array_from_callback(value.shape, shardings[path], lambda idx, v=value: v[idx])
-            flat[path].set_value(array)
+        for unrolled, value in zip(paths, r.transform.to_jax(np.asarray(tensors[key]), targets), strict=True):
+            value = value.astype(dtype, copy=False)
+            path, layer = view[unrolled]
+            if layer is None:
+                place(path, np.ascontiguousarray(value))
+                continue
+            if path not in stacked:
+                stacked[path] = np.empty(flat[path].get_value().shape, dtype)
+            stacked[path][layer] = value
+            filled[path] = filled.get(path, 0) + 1
+            if filled[path] == config.num_layers:
+                place(path, stacked.pop(path))
 
     tied_duplicates = set(table.head.hf) if config.tie_word_embeddings else set()
     unexpected = sorted(k for k in tensors if k not in consumed and k not in tied_duplicates and not table.ignored(k))
@@ -211,14 +247,23 @@ def hf_tensors(model: CausalLM, *, dtype: str | None = None) -> dict[str, np.nda
     """The model's parameters as HF-named NumPy arrays (gathered to host), via the key table."""
     config = model.config
     flat = {_path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    view = _layer_view(config, flat)
+    host: dict[str, np.ndarray] = {}  # each parameter gathered once (a stacked one serves L layers)
+
+    def array(unrolled: str) -> np.ndarray:
+        path, layer = view[unrolled]
+        if path not in host:
+            host[path] = np.asarray(jax.device_get(flat[path].get_value()))
+        return host[path] if layer is None else host[path][layer]
+
     out, used = {}, set()
-    for r, hf_names, paths in _concrete_rules(config, flat):
-        arrays = [np.asarray(jax.device_get(flat[p].get_value())) for p in paths]
+    for r, hf_names, paths in _concrete_rules(config, view):
+        arrays = [array(p) for p in paths]
         value = r.transform.to_hf(arrays, [a.shape for a in arrays])
         out[hf_names[0]] = np.ascontiguousarray(value.astype(dtype or config.param_dtype, copy=False))
         used.update(paths)
-    if set(flat) - used:
-        raise RuntimeError(f"key table does not export parameters {sorted(set(flat) - used)}")
+    if set(view) - used:
+        raise RuntimeError(f"key table does not export parameters {sorted(set(view) - used)}")
     return out
 
 

@@ -16,6 +16,10 @@ Parameter tree (``[...]`` = only when the config asks for it)::
     layers.{i}.mlp.{[gate_df], up_df, down_fd} [+ biases]
     final_norm.scale_d [.bias_d]
     [lm_head_dv]                  [embed, vocab]             (untied)
+
+With ``scan_layers`` the ``layers.{i}.*`` subtrees are one block whose parameters are stacked on a
+leading ``layers`` axis (``layers.attn.query_dnh [L, embed, heads, head_dim]``) and the layers run
+under ``lax.scan`` (:mod:`jaxpref.models.layer_stack` converts between the two layouts).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from jaxpref.models.attention import MaskSpec, check_backend
 from jaxpref.models.base import KVCache, ModelOutput
 from jaxpref.models.config import REMAT_POLICIES, Family, ModelConfig, rope_inv_freq
 from jaxpref.models.hf_keys import KeyTable
+from jaxpref.models.layer_stack import stack_modules
 from jaxpref.parallel import logical_param
 
 
@@ -57,6 +62,40 @@ class Block(nnx.Module):
 def _remat(fn, policy: str):
     """``nnx.remat`` of one layer under a :data:`~jaxpref.models.config.REMAT_POLICIES` policy."""
     return nnx.remat(fn, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]))
+
+
+def scan_blocks(blocks: Block, x_btd, *, mask, rope, kv=None, index=0, remat: bool = False, remat_policy="full"):
+    """Runs stacked layers (:func:`~jaxpref.models.layer_stack.stack_modules`) with ``lax.scan``.
+
+    One traced layer whatever the depth, so compile time stays flat in L (``bench/compile_time.py``).
+    With ``remat`` the scanned body is ``jax.checkpoint``-ed under ``remat_policy``: each layer keeps
+    what the policy saves and recomputes the rest in the backward pass, as in the unrolled loop.
+
+    Args:
+      blocks: a :class:`Block` whose parameters have a leading ``[L]`` axis.
+      x_btd: [B, T, D] input of the first layer.
+      mask, rope, index: as for :meth:`Block.__call__` (shared by every layer).
+      kv: (k, v) cache buffers [L, B, S, KV, hd] or None. They travel in the scan's carry and layer
+        ``i`` writes its slot range of slice ``i`` in place, as the unrolled loop does (no per-layer
+        copy of the cache).
+
+    Returns:
+      ([B, T, D] output of the last layer, updated (k, v) buffers or None).
+    """
+    graphdef, state = nnx.split(blocks)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+
+    def body(carry, xs):
+        x, cache = carry
+        layer_state, layer = xs
+        x, cache = nnx.merge(graphdef, layer_state)(x, mask=mask, rope=rope, cache=cache, layer=layer, index=index)
+        return (x, cache), None
+
+    if remat:  # prevent_cse=False: inside a scan, XLA cannot merge the recomputation away anyway
+        body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat_policy]),
+                              prevent_cse=False)
+    (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), (state, jnp.arange(num_layers, dtype=jnp.int32)))
+    return x_btd, kv
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -89,7 +128,9 @@ class CausalLM(nnx.Module):
         if config.learned_positions:
             shape = (config.max_position_embeddings, config.hidden_size)
             self.position_pd = logical_param(layers.init_normal(config, rngs, shape), (None, "embed"))
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
+        # stacked from the same draws: a scanned model equals the unrolled one built from the same seed
+        self.layers = stack_modules(blocks) if config.scan_layers else nnx.List(blocks)
         self.final_norm = layers.make_norm(config)
         if not config.tie_word_embeddings:
             self.lm_head_dv = logical_param(layers.init_normal(config, rngs, (config.hidden_size, config.vocab_size)),
@@ -157,11 +198,15 @@ class CausalLM(nnx.Module):
             kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
             mask = MaskSpec(segment_ids, positions, kv_segments, kv_positions, sliding_window=cfg.sliding_window)
 
-        for i, block in enumerate(self.layers):
-            def run(block, x, mask, rope, kv, index, layer=i):
-                return block(x, mask=mask, rope=rope, cache=kv, layer=layer, index=index)
+        if cfg.scan_layers:
+            x, kv = scan_blocks(self.layers, x, mask=mask, rope=rope, kv=kv, index=index, remat=cfg.remat,
+                                remat_policy=cfg.remat_policy)
+        else:
+            for i, block in enumerate(self.layers):
+                def run(block, x, mask, rope, kv, index, layer=i):
+                    return block(x, mask=mask, rope=rope, cache=kv, layer=layer, index=index)
 
-            x, kv = (_remat(run, cfg.remat_policy) if cfg.remat else run)(block, x, mask, rope, kv, index)
+                x, kv = (_remat(run, cfg.remat_policy) if cfg.remat else run)(block, x, mask, rope, kv, index)
 
         hidden = self.final_norm(x)
         logits = self.logits(hidden) if return_logits else None

@@ -7,7 +7,9 @@ config, model config, tokenizer source, wall-clock) and, in TR-DPO runs (``refer
 writes each step into a temporary directory and renames it on commit, so a run killed mid-write
 leaves only complete checkpoints behind; :meth:`RunCheckpointer.latest_step` only ever returns
 committed steps. Restoring targets the shardings of a freshly built state, so a run may resume on
-a different mesh.
+a different mesh, and its layer layout: a checkpoint written with ``model.scan_layers`` (parameters
+and optimizer moments stacked on a leading ``layers`` axis) restores into an unrolled model and vice
+versa, read in the saved layout and converted (:mod:`jaxpref.models.layer_stack`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxpref.models import layer_stack
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,35 @@ def _abstract(tree):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(one, tree)
+
+
+def saved_layer_layout(step_dir: pathlib.Path, item: str) -> str | None:
+    """``"stacked"`` / ``"unrolled"`` layers of the Orbax item ``step_dir/item`` (None: no layers, or unreadable)."""
+    try:
+        return layer_stack.layer_layout(ocp.StandardCheckpointHandler().metadata(step_dir / item))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _restore_in_saved_layout(step_dir: pathlib.Path, targets: dict[str, Any], restore):
+    """``restore({item: abstract target})`` with every target in the layer layout its item was saved in,
+    then each result converted back to its target's layout and placed with the target's shardings."""
+    read_as, converted = {}, []
+    for item, target in targets.items():
+        want, saved = layer_stack.layer_layout(target), saved_layer_layout(step_dir, item)
+        if want and saved and want != saved:
+            log.info("checkpoint %s/%s has %s layers; converting to %s", step_dir, item, saved, want)
+            read_as[item] = layer_stack.to_layout(target, saved)
+            converted.append(item)
+        else:
+            read_as[item] = target
+    out = restore(read_as)
+    fixed = {}
+    for item in converted:
+        tree = layer_stack.to_layout(out[item], layer_stack.layer_layout(targets[item]))
+        fixed[item] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if t.sharding is not None else x,
+                                   tree, targets[item])
+    return out, fixed
 
 
 class RunCheckpointer:
@@ -128,15 +161,20 @@ class RunCheckpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no committed checkpoint in {self.directory}")
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(template_state.params)),
-                                  train=ocp.args.StandardRestore(_abstract(template_state.replace(params=None))),
-                                  meta=ocp.args.JsonRestore())
+        targets = {"params": _abstract(template_state.params), "train": _abstract(template_state.replace(params=None))}
+
+        def restore(read_as):
+            args = ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in read_as.items()},
+                                      meta=ocp.args.JsonRestore())
+            return self._mngr.restore(step, args=args)
+
         try:
-            out = self._mngr.restore(step, args=args)
+            out, fixed = _restore_in_saved_layout(self._mngr.directory / str(step), targets, restore)
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match this run's model/"
                                   f"optimizer state: {str(err).splitlines()[0]}") from None
-        return out.train.replace(params=out.params), dict(out.meta), step
+        params, train = fixed.get("params", out.params), fixed.get("train", out.train)
+        return train.replace(params=params), dict(out.meta), step
 
     def has_reference(self, step: int) -> bool:
         """Whether checkpoint ``step`` holds a ``reference/`` item (TR-DPO runs)."""
@@ -148,9 +186,14 @@ class RunCheckpointer:
         if not self.has_reference(step):
             raise CheckpointError(f"checkpoint step {step} in {self.directory} holds no reference params "
                                   "(it was written with reference.sync_every=0 or by an older jaxpref)")
-        args = ocp.args.Composite(**{REFERENCE_ITEM: ocp.args.StandardRestore(_abstract(template))})
+        def restore(read_as):
+            return self._mngr.restore(step, args=ocp.args.Composite(
+                **{k: ocp.args.StandardRestore(v) for k, v in read_as.items()}))
+
         try:
-            return self._mngr.restore(step, args=args)[REFERENCE_ITEM]
+            out, fixed = _restore_in_saved_layout(self._mngr.directory / str(step),
+                                                  {REFERENCE_ITEM: _abstract(template)}, restore)
+            return fixed.get(REFERENCE_ITEM, out[REFERENCE_ITEM])
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"reference params of checkpoint step {step} in {self.directory} do not match "
                                   f"this run's reference model: {str(err).splitlines()[0]}") from None
@@ -167,7 +210,8 @@ class RunCheckpointer:
 
 
 def restore_params(directory: str | os.PathLike, template_params: Any, step: int | None = None):
-    """Reads only the policy params of a run checkpoint (eval / export): ``(params, step)``."""
+    """Reads only the policy params of a run checkpoint (eval / export): ``(params, step)``, in the layer
+    layout of ``template_params`` whatever the layout they were saved in."""
     directory = pathlib.Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -177,12 +221,15 @@ def restore_params(directory: str | os.PathLike, template_params: Any, step: int
         if step is None or step not in mngr.all_steps():
             raise CheckpointError(f"no committed checkpoint {'' if step is None else step} in {directory} "
                                   f"(available: {sorted(mngr.all_steps())})")
+        def restore(read_as):
+            return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(read_as["params"])))
+
         try:
-            out = mngr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(template_params))))
+            out, fixed = _restore_in_saved_layout(mngr.directory / str(step), {"params": _abstract(template_params)},
+                                                  restore)
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"checkpoint step {step} in {directory} does not match the model: "
                                   f"{str(err).splitlines()[0]}") from None
-        return out.params, step
+        return fixed.get("params", out.params), step
     finally:
         mngr.close()

@@ -234,7 +234,10 @@ def setup_run(cfg: RunConfig, mesh, *, resume: bool, extra_meta: dict[str, Any] 
         check_same_architecture(json.loads(saved_model.read_text()), m.source, m.overrides,
                                 f"resume of {saved_model.parent}")
     run_dir = prepare_run_dir(cfg, resume)
-    loaded = load_model(m.source, overrides=m.model_overrides(), seed=cfg.train.seed, mesh=mesh,
+    # scan_layers explicitly: a run: source would otherwise keep its own layout, and the reference
+    # (_reference_params) is loaded in this one
+    loaded = load_model(m.source, overrides={**m.model_overrides(), "scan_layers": m.scan_layers},
+                        seed=cfg.train.seed, mesh=mesh,
                         dtype=m.compute_dtype, param_dtype=m.param_dtype)
     loaded.tokenizer_spec = m.tokenizer or loaded.tokenizer_spec
     if tokenizer is None:
@@ -734,8 +737,9 @@ def _reference_params(cfg: RunConfig, policy_params, mesh):
     """Frozen reference params: a copy of the initial policy, or another model's params."""
     if cfg.reference.source is None:
         return jax.tree.map(lambda x: x.copy(), policy_params)  # never donated, never updated
+    # the policy's layer layout: one graphdef runs both (and TR-DPO mixes their parameters)
     ref = load_model(cfg.reference.source, seed=cfg.train.seed, mesh=mesh, dtype=cfg.model.compute_dtype,
-                     param_dtype=cfg.model.param_dtype)
+                     param_dtype=cfg.model.param_dtype, overrides={"scan_layers": cfg.model.scan_layers})
     return nnx.split(ref.model, nnx.Param, ...)[1]
 
 
