@@ -262,7 +262,7 @@ def _score_batch(graphdef, params, rest, batch: PairBatch, *, with_hidden: bool,
     hidden = model(ids, positions=flat(batch.positions), segment_ids=flat(batch.segment_ids), right_padded=True).hidden
     matrix, layout = model.unembedding()
     lp = logprobs.sequence_logprobs(hidden, matrix, ids, mask, layout=layout, seq_chunk=seq_chunk,
-                                    vocab_chunk=vocab_chunk)
+                                    vocab_chunk=vocab_chunk, softcap=model.config.final_logit_softcap)
     out = {"sums": lp.sums.reshape(b, two), "counts": lp.counts.reshape(b, two)}
     if with_hidden:
         sums, _ = logprobs.masked_hidden_sums(hidden, mask)
@@ -281,7 +281,8 @@ def _score_packed(graphdef, params, rest, ids, mask, segments, positions, branch
     hidden = model(ids, positions=positions, segment_ids=segments, **branch).hidden
     matrix, layout = model.unembedding()
     lp = logprobs.segment_logprobs(hidden, matrix, ids, mask, segments, branches, num_segments=num_segments,
-                                   layout=layout, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+                                   layout=layout, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk,
+                                   softcap=model.config.final_logit_softcap)
     return lp.sums, lp.counts
 
 

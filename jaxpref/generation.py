@@ -159,10 +159,13 @@ def generate(model, prompt_ids, prompt_mask=None, *, key: Array, config: Samplin
 
 
 def _logits_bv(model, hidden_bd: Array) -> Array:
-    """[B, D] final hidden -> [B, V] float32 logits through ``model.unembedding()``."""
+    """[B, D] final hidden -> [B, V] float32 logits through ``model.unembedding()`` (soft-capped like
+    :meth:`CausalLM.logits` when the config has a ``final_logit_softcap``)."""
     matrix, layout = model.unembedding()
     eq = "bd,dv->bv" if layout == "dv" else "bd,vd->bv"
-    return jnp.einsum(eq, hidden_bd, matrix.astype(hidden_bd.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum(eq, hidden_bd, matrix.astype(hidden_bd.dtype), preferred_element_type=jnp.float32)
+    cap = getattr(model.config, "final_logit_softcap", None)
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def _filter(logits_bv: Array, config: SamplingConfig) -> Array:

@@ -108,20 +108,24 @@ def _num_vocab_chunks(w: Array, layout: str, vocab_chunk: int) -> int:
     return -(-v // min(vocab_chunk, v))
 
 
-def _chunk_logits(h: Array, w_c: Array, layout: str, valid_c: Array) -> Array:
-    """[N, C, D] x chunk -> [N, C, Vc] float32 logits, invalid (already covered) columns at -inf."""
+def _chunk_logits(h: Array, w_c: Array, layout: str, valid_c: Array, softcap: float | None = None) -> Array:
+    """[N, C, D] x chunk -> [N, C, Vc] float32 logits, soft-capped ``c * tanh(z / c)`` when ``softcap``
+    (Gemma 2's final-logit cap), invalid (already covered) columns at -inf."""
     logits = jnp.einsum(_EQ[layout][0], h, w_c, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     return jnp.where(valid_c[None, None, :], logits, -jnp.inf)
 
 
-def _lse_and_target(h: Array, w: Array, layout: str, targets: Array, vocab_chunk: int) -> tuple[Array, Array]:
+def _lse_and_target(h: Array, w: Array, layout: str, targets: Array, vocab_chunk: int,
+                    softcap: float | None = None) -> tuple[Array, Array]:
     """Streaming log-sum-exp over the vocabulary and the target logit, both [N, C] float32."""
     n, c = targets.shape
 
     def body(carry, i):
         m, s, tgt_logit = carry
         w_c, _, cols, valid_c = _vocab_chunk_at(w, layout, i, vocab_chunk)
-        logits = _chunk_logits(h, w_c, layout, valid_c)  # [N, C, Vc]
+        logits = _chunk_logits(h, w_c, layout, valid_c, softcap)  # [N, C, Vc]
         m_new = jnp.maximum(m, logits.max(-1))
         s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
         hit = (cols == targets[..., None]) & valid_c  # [N, C, Vc], one True per position overall
@@ -149,26 +153,30 @@ def _unchunk(x: Array, length: int) -> Array:
     return x.reshape(n, n_c * c, *x.shape[3:])[:, :length]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _target_logps(h: Array, w: Array, targets: Array, layout: str, seq_chunk: int, vocab_chunk: int) -> Array:
-    """log softmax(h @ W)[targets], [N, T'] float32, never materialising [N, T', V]."""
-    return _target_logps_fwd(h, w, targets, layout, seq_chunk, vocab_chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _target_logps(h: Array, w: Array, targets: Array, layout: str, seq_chunk: int, vocab_chunk: int,
+                  softcap: float | None = None) -> Array:
+    """log softmax(cap(h @ W))[targets], [N, T'] float32, never materialising [N, T', V]."""
+    return _target_logps_fwd(h, w, targets, layout, seq_chunk, vocab_chunk, softcap)[0]
 
 
-def _target_logps_fwd(h, w, targets, layout, seq_chunk, vocab_chunk):
+def _target_logps_fwd(h, w, targets, layout, seq_chunk, vocab_chunk, softcap=None):
     t = h.shape[1]
     h_c, tgt_c = _seq_chunks(h, seq_chunk), _seq_chunks(targets, seq_chunk)
 
     def body(_, xs):
-        lse, tgt_logit = _lse_and_target(xs[0], w, layout, xs[1], vocab_chunk)
+        lse, tgt_logit = _lse_and_target(xs[0], w, layout, xs[1], vocab_chunk, softcap)
         return None, (tgt_logit - lse, lse)
 
     _, (logp, lse) = jax.lax.scan(body, None, (h_c, tgt_c))
     return _unchunk(logp, t), (h, w, targets, _unchunk(lse, t))
 
 
-def _target_logps_bwd(layout, seq_chunk, vocab_chunk, res, g):
+def _target_logps_bwd(layout, seq_chunk, vocab_chunk, softcap, res, g):
     """d logp_t / d logits_t = onehot(y_t) - p_t, so dh = (g (onehot - p)) W^T and dW = h^T (g (onehot - p)).
+
+    With a soft-cap ``z = c tanh(u / c)`` of the raw logits ``u``, ``dz/du = 1 - (z / c)^2`` multiplies
+    ``g (onehot - p)`` before the two matmuls.
 
     Vocabulary chunks are the outer loop: each slices its ``Vc`` columns of W in place, scans the
     sequence chunks (accumulating its ``[D, Vc]`` gradient block and emitting that block's share
@@ -187,9 +195,12 @@ def _target_logps_bwd(layout, seq_chunk, vocab_chunk, res, g):
 
         def seq_body(dw_c, x):
             h_c, tgt_c, lse_c, g_c = x  # [N, C, D], [N, C], [N, C], [N, C]
-            p = jnp.exp(_chunk_logits(h_c, w_c, layout, valid_c) - lse_c[..., None])  # [N, C, Vc]
+            z = _chunk_logits(h_c, w_c, layout, valid_c, softcap)  # [N, C, Vc]
+            p = jnp.exp(z - lse_c[..., None])
             hit = ((cols == tgt_c[..., None]) & valid_c).astype(jnp.float32)
             d_logits = g_c[..., None] * (hit - p)
+            if softcap is not None:  # invalid columns: p = hit = 0, so the -inf there never enters
+                d_logits = d_logits * jnp.where(valid_c, 1.0 - jnp.square(z / softcap), 0.0)
             dh_c = jnp.einsum(eq_dh, d_logits, w_c, preferred_element_type=jnp.float32)
             dw_c = dw_c + jnp.einsum(eq_dw, h_c, d_logits, preferred_element_type=jnp.float32)
             return dw_c, dh_c
@@ -206,7 +217,7 @@ def _target_logps_bwd(layout, seq_chunk, vocab_chunk, res, g):
 _target_logps.defvjp(_target_logps_fwd, _target_logps_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "seq_chunk", "vocab_chunk"))
+@functools.partial(jax.jit, static_argnames=("layout", "seq_chunk", "vocab_chunk", "softcap"))
 def sequence_logprobs(
     hidden: Array,
     unembedding: Array,
@@ -216,6 +227,7 @@ def sequence_logprobs(
     layout: str = "dv",
     seq_chunk: int = 128,
     vocab_chunk: int = 8192,
+    softcap: float | None = None,
 ) -> SequenceLogProbs:
     """Masked per-token and per-sequence log-probs, computed chunk by chunk.
 
@@ -227,6 +239,8 @@ def sequence_logprobs(
       loss_mask: [N, T] 1 where ``input_ids[:, t]`` is a target (response) token.
       seq_chunk: positions per chunk (memory ~ N * seq_chunk * vocab_chunk floats).
       vocab_chunk: vocabulary columns per chunk.
+      softcap: final-logit soft-cap ``c`` (``model.config.final_logit_softcap``, Gemma 2): the
+        log-probs are those of ``c * tanh(logits / c)``, as the model's own logits.
 
     Returns:
       :class:`SequenceLogProbs` with [N, T] token log-probs and [N] sums, counts and means.
@@ -242,7 +256,7 @@ def sequence_logprobs(
     seq_chunk = max(1, min(seq_chunk, t - 1)) if t > 1 else 1
     mask = loss_mask[:, 1:].astype(jnp.float32)  # [N, T-1]
     logp = _target_logps(hidden[:, :-1], unembedding, input_ids[:, 1:].astype(jnp.int32), layout, seq_chunk,
-                         vocab_chunk)
+                         vocab_chunk, softcap)
     logp = jnp.where(mask > 0, logp, 0.0)
     token_logps = jnp.concatenate([jnp.zeros((n, 1), jnp.float32), logp], axis=1)  # [N, T]
     sums = logp.sum(-1)
@@ -250,7 +264,7 @@ def sequence_logprobs(
     return SequenceLogProbs(token_logps, sums, counts, sums / jnp.maximum(counts, 1.0))
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "seq_chunk", "vocab_chunk"))
+@functools.partial(jax.jit, static_argnames=("layout", "seq_chunk", "vocab_chunk", "softcap"))
 def pair_logprobs(hidden: Array, unembedding: Array, input_ids: Array, loss_mask: Array, **kw):
     """:func:`sequence_logprobs` for pairs: ``hidden [B, 2, T, D]``, ids/mask ``[B, 2, T]``.
 
@@ -289,7 +303,7 @@ def last_hidden(hidden: Array, segment_ids: Array) -> Array:
     return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_segments", "layout", "seq_chunk", "vocab_chunk"))
+@functools.partial(jax.jit, static_argnames=("num_segments", "layout", "seq_chunk", "vocab_chunk", "softcap"))
 def segment_logprobs(
     hidden: Array,
     unembedding: Array,
@@ -302,6 +316,7 @@ def segment_logprobs(
     layout: str = "dv",
     seq_chunk: int = 128,
     vocab_chunk: int = 8192,
+    softcap: float | None = None,
 ) -> SequenceLogProbs:
     """Per-segment log-prob sums of packed rows: one chunked pass over ``[R, T]``, then a segment sum.
 
@@ -325,7 +340,7 @@ def segment_logprobs(
       segment_ids: [R, T] int segment of each token, 0 = padding; ids may be shared across rows
         only by design of the caller (the sums add every token carrying the id).
       num_segments: static size of the output (segment ids >= it are dropped).
-      seq_chunk, vocab_chunk: as for :func:`sequence_logprobs`.
+      seq_chunk, vocab_chunk, softcap: as for :func:`sequence_logprobs`.
 
     Returns:
       :class:`SequenceLogProbs` with ``token_logps`` [R, T] (0 where not a target) and
@@ -339,7 +354,7 @@ def segment_logprobs(
         src = jnp.concatenate([jnp.maximum(pred[:, 1:], 0), jnp.full_like(pred[:, :1], pred.shape[1] - 1)], axis=1)
         hidden = jnp.take_along_axis(hidden, src[..., None], axis=1)
     lp = sequence_logprobs(hidden, unembedding, input_ids, mask.astype(jnp.int32), layout=layout,
-                           seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+                           seq_chunk=seq_chunk, vocab_chunk=vocab_chunk, softcap=softcap)
     flat_seg = _sequence_ids(segment_ids, branch_ids).reshape(-1)
     sums = jax.ops.segment_sum(lp.token_logps.reshape(-1), flat_seg, num_segments)
     counts = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.float32), flat_seg, num_segments)

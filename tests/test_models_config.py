@@ -50,7 +50,7 @@ def test_gpt_neox_v4_spelling():
 
 
 @pytest.mark.parametrize("hf, match", [
-    ({"model_type": "gemma2"}, "model_type 'gemma2'"),
+    ({"model_type": "mixtral"}, "model_type 'mixtral'"),
     ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
     ({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
@@ -94,6 +94,9 @@ def test_normalisation():
     ("qwen2_5_7b", 7_615_616_512), ("mistral_7b", 7_241_732_096), ("gemma_2b", 2_506_172_416),
     ("qwen2_0_5b", 494_032_768), ("smollm2_135m", 134_515_008), ("gpt2_small", 124_439_808),
     ("pythia_160m", 162_322_944), ("stories260k", 260_032),
+    ("qwen2_5_0_5b", 494_032_768), ("qwen2_5_1_5b", 1_543_714_304), ("qwen2_5_7b", 7_615_616_512),
+    ("qwen3_0_6b", 596_049_920), ("gemma2_2b", 2_614_341_888), ("gemma3_1b", 999_885_952),
+    ("olmo2_1b", 1_484_916_736), ("phi3_mini", 3_821_079_552),
 ])
 def test_full_size_presets_param_count(name, expected):
     """The analytic count and the count of the built (abstract) model. The model is built with one and two

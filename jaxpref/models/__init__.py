@@ -14,6 +14,7 @@ from jaxpref.models import presets
 from jaxpref.models.base import CausalLM as CausalLMProtocol
 from jaxpref.models.base import KVCache, ModelOutput
 from jaxpref.models.config import Family, FamilyTraits, ModelConfig, RopeScaling, UnsupportedConfigError
+from jaxpref.models.families import Gemma2, Gemma3, Olmo2, Phi3, Qwen3
 from jaxpref.models.gemma import Gemma
 from jaxpref.models.gguf_io import gguf_to_hf_dir, load_gguf, read_gguf
 from jaxpref.models.gpt2 import GPT2
@@ -32,7 +33,8 @@ __all__ = [
     "Family", "FamilyTraits", "ModelConfig", "RopeScaling", "UnsupportedConfigError", "PRESETS", "get_preset",
     "presets",
     # models
-    "CausalLM", "Llama", "Gemma", "GPT2", "GPTNeoX", "MODEL_CLASSES", "build_model", "abstract_model",
+    "CausalLM", "Llama", "Gemma", "GPT2", "GPTNeoX",
+    "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Phi3", "MODEL_CLASSES", "build_model", "abstract_model",
     "model_class", "count_params",
     # checkpoints
     "load_hf", "save_hf", "params_from_hf", "SafetensorsCheckpoint", "CheckpointMismatchError",

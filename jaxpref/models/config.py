@@ -37,6 +37,11 @@ class Family(enum.StrEnum):
     GEMMA = "gemma"
     GPT2 = "gpt2"
     GPT_NEOX = "gpt_neox"
+    QWEN3 = "qwen3"
+    GEMMA2 = "gemma2"
+    GEMMA3 = "gemma3_text"
+    OLMO2 = "olmo2"
+    PHI3 = "phi3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +49,16 @@ class FamilyTraits:
     """What is fixed for every checkpoint of a family.
 
     Attributes:
-      norm: "rms" (``w * x/rms``), "rms_plus_one" (Gemma, ``(1 + w) * x/rms``) or "layer".
+      norm: "rms" (``w * x/rms``, the product in the compute dtype), "rms_f32" (OLMo 2: the
+        product in float32), "rms_plus_one" (Gemma, ``(1 + w) * x/rms`` in float32) or "layer".
       gated_mlp: ``down(act(gate x) * up x)`` instead of ``down(act(up x))``.
       learned_positions: absolute position embeddings (GPT-2) instead of RoPE.
       scale_embeddings: multiply token embeddings by ``sqrt(hidden_size)`` (Gemma).
       architecture: the Hugging Face ``architectures`` entry for export.
+      qk_norm: RMSNorm of queries and keys before RoPE: None, "head" (over each head's
+        ``head_dim``: Qwen3, Gemma 3) or "full" (over the whole ``H * hd`` projection: OLMo 2).
+      norm_layout: where the block's norms sit: "pre" (``x + f(norm x)``), "sandwich"
+        (``x + norm(f(norm x))``: Gemma 2/3) or "post" (``x + norm(f(x))``: OLMo 2).
     """
 
     norm: str
@@ -56,6 +66,8 @@ class FamilyTraits:
     learned_positions: bool
     scale_embeddings: bool
     architecture: str
+    qk_norm: str | None = None
+    norm_layout: str = "pre"
 
 
 FAMILY_TRAITS: dict[Family, FamilyTraits] = {
@@ -65,7 +77,17 @@ FAMILY_TRAITS: dict[Family, FamilyTraits] = {
     Family.GEMMA: FamilyTraits("rms_plus_one", True, False, True, "GemmaForCausalLM"),
     Family.GPT2: FamilyTraits("layer", False, True, False, "GPT2LMHeadModel"),
     Family.GPT_NEOX: FamilyTraits("layer", False, False, False, "GPTNeoXForCausalLM"),
+    Family.QWEN3: FamilyTraits("rms", True, False, False, "Qwen3ForCausalLM", qk_norm="head"),
+    Family.GEMMA2: FamilyTraits("rms_plus_one", True, False, True, "Gemma2ForCausalLM", norm_layout="sandwich"),
+    Family.GEMMA3: FamilyTraits("rms_plus_one", True, False, True, "Gemma3ForCausalLM", qk_norm="head",
+                                norm_layout="sandwich"),
+    Family.OLMO2: FamilyTraits("rms_f32", True, False, False, "Olmo2ForCausalLM", qk_norm="full", norm_layout="post"),
+    Family.PHI3: FamilyTraits("rms", True, False, False, "Phi3ForCausalLM"),
 }
+
+# Families whose layers may alternate sliding-window ("sliding_attention") and global ("full_attention").
+LAYER_TYPES = ("sliding_attention", "full_attention")
+_WINDOW_FAMILIES = (Family.MISTRAL, Family.GEMMA2, Family.GEMMA3, Family.PHI3)
 
 # HF activation name -> canonical name. "gelu_tanh" is the tanh approximation under all its names.
 _ACTIVATIONS = {
@@ -76,7 +98,8 @@ _ACTIVATIONS = {
 }
 # canonical name -> the spelling each family writes on export.
 _EXPORT_ACT = {Family.GPT2: {"gelu_tanh": "gelu_new"}, Family.GEMMA: {"gelu_tanh": "gelu_pytorch_tanh"},
-               Family.GPT_NEOX: {"gelu_tanh": "gelu_new"}}
+               Family.GPT_NEOX: {"gelu_tanh": "gelu_new"}, Family.GEMMA2: {"gelu_tanh": "gelu_pytorch_tanh"},
+               Family.GEMMA3: {"gelu_tanh": "gelu_pytorch_tanh"}}
 _DTYPES = ("float32", "bfloat16", "float16")
 
 # ``ModelConfig.remat_policy`` -> the ``jax.checkpoint`` policy's name in ``jax.checkpoint_policies``.
@@ -150,6 +173,18 @@ class ModelConfig:
         (:mod:`jaxpref.models.layer_stack`). Not written to ``config.json``: a runtime choice.
       initializer_range: std of the normal initialiser for random init [initializer_range].
       bos_token_id / eos_token_id / pad_token_id: carried for export and generation.
+      attn_logit_softcap: attention scores become ``c * tanh(s / c)`` (Gemma 2) [attn_logit_softcapping].
+      final_logit_softcap: output logits become ``c * tanh(z / c)`` (Gemma 2), in the forward
+        pass, generation and the chunked log-probs alike [final_logit_softcapping].
+      query_pre_attn_scalar: scores are scaled by ``query_pre_attn_scalar ** -0.5`` instead of
+        ``head_dim ** -0.5`` (Gemma 2/3) [query_pre_attn_scalar].
+      layer_types: per layer "sliding_attention" (local: ``sliding_window`` applies) or
+        "full_attention" (global); None = every layer is local iff ``sliding_window`` is set
+        [layer_types; Gemma 2 default: even layers local; Gemma 3: ``sliding_window_pattern``].
+      rope_local_theta: RoPE base of the local layers, None = ``rope_theta`` (Gemma 3)
+        [rope_parameters.sliding_attention.rope_theta, rope_local_base_freq].
+      rope_linear_factor: linear RoPE scaling of the global layers, positions divided by it
+        (Gemma 3 4B+) [rope_parameters.full_attention: rope_type "linear", factor].
     """
 
     family: Family
@@ -182,6 +217,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
+    rope_linear_factor: float = 1.0
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen normalisation)
@@ -199,6 +240,8 @@ class ModelConfig:
             set_("act", _canonical_act(self.act))
         if isinstance(self.eos_token_id, list):
             set_("eos_token_id", tuple(self.eos_token_id))
+        if self.layer_types is not None:
+            set_("layer_types", tuple(self.layer_types))
         if isinstance(self.rope_scaling, Mapping):
             set_("rope_scaling", RopeScaling(**self.rope_scaling))
         self._validate()
@@ -217,19 +260,20 @@ class ModelConfig:
             raise ValueError(f"attention={self.attention!r}: must be one of {list(ATTENTION_BACKENDS)}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        if self.sliding_window is not None and (f != Family.MISTRAL or self.sliding_window <= 0):
+        if self.sliding_window is not None and (f not in _WINDOW_FAMILIES or self.sliding_window <= 0):
             raise UnsupportedConfigError(f"sliding_window={self.sliding_window} is only supported (positive) for "
-                                         f"mistral, not {f.value}")
+                                         f"{', '.join(w.value for w in _WINDOW_FAMILIES)}, not {f.value}")
+        self._validate_gemma2_features()
         if self.parallel_residual and f != Family.GPT_NEOX:
             raise UnsupportedConfigError(f"parallel_residual is a gpt_neox feature, not {f.value}")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
-        if self.partial_rotary_factor != 1.0 and f != Family.GPT_NEOX:
+        if self.partial_rotary_factor != 1.0 and f not in (Family.GPT_NEOX, Family.PHI3):
             raise UnsupportedConfigError(f"partial rotary is a gpt_neox feature, not {f.value}")
         if not self.learned_positions and (self.rotary_dim < 2 or self.rotary_dim % 2):
             raise ValueError(f"rotary_dim = int(head_dim * partial_rotary_factor) = {self.rotary_dim} must be even "
                              "and >= 2")
-        if self.rope_scaling is not None and f not in (Family.LLAMA, Family.MISTRAL, Family.QWEN2):
+        if self.rope_scaling is not None and f not in (Family.LLAMA, Family.MISTRAL, Family.QWEN2, Family.QWEN3):
             raise UnsupportedConfigError(f"llama3 rope scaling is not supported for {f.value}")
         if f in (Family.GPT2, Family.GPT_NEOX):
             if self.num_kv_heads != self.num_heads or self.head_dim * self.num_heads != self.hidden_size:
@@ -241,12 +285,35 @@ class ModelConfig:
                 raise UnsupportedConfigError("gpt_neox: qkv_bias == out_bias (attention_bias); mlp_bias is always on")
         if f == Family.QWEN2 and (not self.qkv_bias or self.out_bias or self.mlp_bias):
             raise UnsupportedConfigError("qwen2 has q/k/v biases only (qkv_bias=True, out_bias=mlp_bias=False)")
-        if f in (Family.LLAMA, Family.GEMMA) and self.qkv_bias != self.out_bias:
+        attention_bias = (Family.LLAMA, Family.GEMMA, Family.QWEN3, Family.GEMMA2, Family.GEMMA3, Family.OLMO2)
+        if f in attention_bias and self.qkv_bias != self.out_bias:
             raise UnsupportedConfigError(f"{f.value}: attention_bias sets qkv_bias == out_bias")
-        if f in (Family.MISTRAL, Family.GEMMA) and self.mlp_bias:
+        if f not in (Family.LLAMA, Family.QWEN2, Family.GPT2, Family.GPT_NEOX) and self.mlp_bias:
             raise UnsupportedConfigError(f"{f.value} has no MLP biases")
-        if f == Family.MISTRAL and (self.qkv_bias or self.out_bias):
-            raise UnsupportedConfigError("mistral has no attention biases")
+        if f in (Family.MISTRAL, Family.PHI3) and (self.qkv_bias or self.out_bias):
+            raise UnsupportedConfigError(f"{f.value} has no attention biases")
+        if f in (Family.OLMO2, Family.PHI3) and self.head_dim * self.num_heads != self.hidden_size:
+            raise UnsupportedConfigError(f"{f.value} needs head_dim * num_heads == hidden_size (no head_dim field)")
+
+    def _validate_gemma2_features(self):
+        """Soft-capping, query_pre_attn_scalar, local/global layers and local RoPE (Gemma 2/3 only)."""
+        f, gemmas = self.family, (Family.GEMMA2, Family.GEMMA3)
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar", "layer_types"):
+            value = getattr(self, name)
+            if value is not None and f not in gemmas:
+                raise UnsupportedConfigError(f"{name}={value!r} is a gemma2/gemma3_text feature, not {f.value}")
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(f"layer_types must list one of {LAYER_TYPES} per layer ({self.num_layers}), got "
+                                 f"{self.layer_types}")
+        if (self.rope_local_theta is not None or self.rope_linear_factor != 1.0) and f != Family.GEMMA3:
+            raise UnsupportedConfigError(f"local RoPE base / linear RoPE scaling are gemma3_text features, not "
+                                         f"{f.value}")
+        if self.rope_linear_factor <= 0:
+            raise ValueError(f"rope_linear_factor must be positive, got {self.rope_linear_factor}")
 
     # ----------------------------------------------------------------------------- derived
 
@@ -257,6 +324,16 @@ class ModelConfig:
     @property
     def learned_positions(self) -> bool:
         return self.traits.learned_positions
+
+    def layer_is_local(self, layer: int) -> bool:
+        """Whether ``layer`` is a sliding-window (local) layer; see :attr:`layer_types`."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (None: global attention)."""
+        return self.sliding_window if self.layer_is_local(layer) else None
 
     @property
     def rotary_dim(self) -> int:
@@ -281,8 +358,10 @@ class ModelConfig:
         norm = d if self.traits.norm != "layer" else 2 * d
         attn = d * hd * (h + 2 * kv) + h * hd * d
         attn += hd * (h + 2 * kv) * self.qkv_bias + d * self.out_bias
+        attn += {None: 0, "head": 2 * hd, "full": (h + kv) * hd}[self.traits.qk_norm]
         mlp = (3 if self.traits.gated_mlp else 2) * d * i + (i * (1 + self.traits.gated_mlp) + d) * self.mlp_bias
-        total = self.num_layers * (attn + mlp + 2 * norm) + norm + v * d
+        block_norms = 4 if self.traits.norm_layout == "sandwich" else 2
+        total = self.num_layers * (attn + mlp + block_norms * norm) + norm + v * d
         total += 0 if self.tie_word_embeddings else d * v
         total += self.max_position_embeddings * d if self.learned_positions else 0
         return total
@@ -308,10 +387,8 @@ class ModelConfig:
         per_layer = d * hd * (h + 2 * kv) + h * hd * d + (3 if self.traits.gated_mlp else 2) * d * i
         matmul = 2 * (self.num_layers * per_layer + d * v)
         t = np.arange(1, seq_len + 1)
-        if self.sliding_window is not None:
-            t = np.minimum(t, self.sliding_window)
-        ctx = float(t.mean())
-        attention = 4 * self.num_layers * h * hd * ctx
+        ctx = sum(float(np.minimum(t, self.layer_window(i) or seq_len).mean()) for i in range(self.num_layers))
+        attention = 4 * h * hd * ctx  # ctx summed over layers (local layers see at most the window)
         return (matmul + attention) * (3 if training else 1)
 
     # ----------------------------------------------------------------------------- HF I/O
@@ -334,7 +411,14 @@ class ModelConfig:
         except ValueError:
             raise UnsupportedConfigError(f"model_type {model_type!r} is not supported; supported: "
                                          f"{[f.value for f in Family]}") from None
+        for key in _MOE_KEYS:
+            if d.get(key):
+                raise UnsupportedConfigError(f"{family.value}: {key}={d[key]!r}: mixture-of-experts models are not "
+                                             f"supported (dense families: {[f.value for f in Family]})")
         fields = _FROM_HF[family](d)
+        if family == Family.GEMMA3:
+            d, local_theta, linear = _gemma3_rope(d)
+            fields.update(rope_local_theta=local_theta, rope_linear_factor=linear)
         theta, scaling, partial = _parse_rope(d, family)
         fields.update(rope_theta=theta, rope_scaling=scaling, partial_rotary_factor=partial)
         dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
@@ -374,14 +458,31 @@ class ModelConfig:
                            attention_bias=self.qkv_bias)
             else:
                 out.update(num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.norm_eps)
-            if f in (Family.LLAMA, Family.GEMMA):
+            if f in (Family.LLAMA, Family.GEMMA, Family.QWEN3, Family.GEMMA2, Family.GEMMA3, Family.OLMO2):
                 out["attention_bias"] = self.qkv_bias
             if f == Family.LLAMA:
                 out["mlp_bias"] = self.mlp_bias
-            if f == Family.MISTRAL:
+            if f in (Family.MISTRAL, Family.PHI3):
                 out["sliding_window"] = self.sliding_window
-            if f == Family.QWEN2:
+            if f in (Family.QWEN2, Family.QWEN3):
                 out.update(use_sliding_window=False, sliding_window=None)
+            if f == Family.PHI3:
+                rope["partial_rotary_factor"] = self.partial_rotary_factor
+                out.update(original_max_position_embeddings=self.max_position_embeddings)
+            if f in (Family.GEMMA2, Family.GEMMA3):
+                out.pop("hidden_act")
+                out.update(hidden_activation=act, query_pre_attn_scalar=self.query_pre_attn_scalar,
+                           attn_logit_softcapping=self.attn_logit_softcap,
+                           final_logit_softcapping=self.final_logit_softcap,
+                           sliding_window=self.sliding_window,
+                           layer_types=[("sliding_attention" if self.layer_is_local(i) else "full_attention")
+                                        for i in range(self.num_layers)])
+            if f == Family.GEMMA3:
+                full = dict(rope)
+                if self.rope_linear_factor != 1.0:
+                    full.update(rope_type="linear", factor=self.rope_linear_factor)
+                local = {"rope_type": "default", "rope_theta": self.rope_local_theta or self.rope_theta}
+                out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         out.update(architectures=[self.traits.architecture], model_type=f.value, dtype=self.param_dtype,
                    bos_token_id=self.bos_token_id, eos_token_id=eos, pad_token_id=self.pad_token_id)
@@ -392,6 +493,37 @@ def _canonical_act(name: str) -> str:
     if name not in _ACTIVATIONS:
         raise UnsupportedConfigError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
+
+
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+
+def _gemma3_rope(d: Mapping[str, Any]) -> tuple[dict[str, Any], float | None, float]:
+    """Gemma 3's per-layer-type RoPE -> (config with the global layers' rope, local theta, linear factor).
+
+    v5 writes ``rope_parameters: {"full_attention": {...}, "sliding_attention": {...}}``; v4 writes
+    ``rope_theta`` (global), ``rope_local_base_freq`` and an optional ``rope_scaling`` (global).
+    """
+    d = dict(d)
+    rope = d.get("rope_parameters") or {}
+    if "full_attention" in rope or "sliding_attention" in rope:
+        full, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedConfigError(f"gemma3_text: rope_parameters.sliding_attention.rope_type="
+                                         f"{local['rope_type']!r} is not supported (supported: 'default')")
+        local_theta = float(local.get("rope_theta", 10000.0))
+        full.setdefault("rope_theta", 1000000.0)
+    else:
+        full = dict(d.get("rope_scaling") or {})
+        full.setdefault("rope_theta", d.get("rope_theta", 1000000.0))
+        local_theta = float(d.get("rope_local_base_freq", 10000.0))
+    linear = 1.0
+    if full.get("rope_type", full.get("type")) == "linear":
+        linear = float(full["factor"])
+        full = {"rope_type": "default", "rope_theta": full["rope_theta"]}
+    d.pop("rope_scaling", None)
+    d["rope_parameters"] = full
+    return d, local_theta, linear
 
 
 def _parse_rope(d: Mapping[str, Any], family: Family) -> tuple[float, RopeScaling | None, float]:
@@ -412,7 +544,8 @@ def _parse_rope(d: Mapping[str, Any], family: Family) -> tuple[float, RopeScalin
             original_max_position_embeddings=int(rope.get("original_max_position_embeddings",
                                                           d.get("max_position_embeddings"))))
         return float(theta), scaling, float(partial)
-    raise UnsupportedConfigError(f"rope_type {kind!r} is not supported (supported: 'default', 'llama3')")
+    raise UnsupportedConfigError(f"{family.value}: rope_type {kind!r} (rope_parameters / rope_scaling) is not "
+                                 "supported (supported: 'default', 'llama3')")
 
 
 def _reject(d: Mapping[str, Any], family: Family, **unsupported_if):
@@ -484,16 +617,65 @@ def _from_gpt_neox(d):
         parallel_residual=d.get("use_parallel_residual", True), qkv_bias=bias, out_bias=bias, mlp_bias=True)
 
 
+def _from_qwen3(d):
+    _reject(d, Family.QWEN3, use_sliding_window=(False, None))
+    bias = bool(d.get("attention_bias", False))
+    return dict(_llama_like(d), qkv_bias=bias, out_bias=bias)
+
+
+def _from_gemma2(d, family=Family.GEMMA2, pattern=2):
+    """Gemma 2 / Gemma 3 text: Gemma plus soft-caps, query_pre_attn_scalar and local/global layers."""
+    _reject(d, family, use_bidirectional_attention=(False, None))
+    out = _from_gemma(d)
+    n = out["num_layers"]
+    pattern = d.get("sliding_window_pattern") or pattern
+    types = d.get("layer_types") or [("sliding_attention" if (i + 1) % pattern else "full_attention")
+                                     for i in range(n)]
+    out.update(query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+               attn_logit_softcap=d.get("attn_logit_softcapping"),
+               final_logit_softcap=d.get("final_logit_softcapping"),
+               sliding_window=d.get("sliding_window"), layer_types=tuple(types))
+    return out
+
+
+def _from_gemma3(d):
+    return _from_gemma2(d, Family.GEMMA3, pattern=6)
+
+
+def _from_olmo2(d):
+    bias = bool(d.get("attention_bias", False))
+    return dict(_llama_like(d), qkv_bias=bias, out_bias=bias)
+
+
+def _from_phi3(d):
+    out = _llama_like(d)
+    out["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+    out["sliding_window"] = d.get("sliding_window")
+    return out
+
+
 _FROM_HF = {Family.LLAMA: _from_llama, Family.MISTRAL: _from_mistral, Family.QWEN2: _from_qwen2,
-            Family.GEMMA: _from_gemma, Family.GPT2: _from_gpt2, Family.GPT_NEOX: _from_gpt_neox}
+            Family.GEMMA: _from_gemma, Family.GPT2: _from_gpt2, Family.GPT_NEOX: _from_gpt_neox,
+            Family.QWEN3: _from_qwen3, Family.GEMMA2: _from_gemma2, Family.GEMMA3: _from_gemma3,
+            Family.OLMO2: _from_olmo2, Family.PHI3: _from_phi3}
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """RoPE inverse frequencies ``[rotary_dim // 2]`` float32, as HF computes them (incl. llama3 scaling)."""
+def rope_inv_freq(config: ModelConfig, *, local: bool = False) -> np.ndarray:
+    """RoPE inverse frequencies ``[rotary_dim // 2]`` float32, as HF computes them (incl. llama3 scaling).
+
+    ``local``: the frequencies of the sliding-window layers (Gemma 3: base ``rope_local_theta``,
+    no scaling); otherwise those of the global layers (Gemma 3: divided by ``rope_linear_factor``).
+    """
     dim = config.rotary_dim
+    local = local and config.rope_local_theta is not None
+    theta = config.rope_local_theta if local else config.rope_theta
     # float32 like transformers, so angles agree to the last bit at long positions.
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponent)).astype(np.float32)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    if local:
+        return inv_freq
+    if config.rope_linear_factor != 1.0:
+        return (inv_freq / np.float32(config.rope_linear_factor)).astype(np.float32)
     s = config.rope_scaling
     if s is None:
         return inv_freq

@@ -155,6 +155,25 @@ class Gpt2QKV(Transform):
         return np.stack(arrays, axis=0).reshape(-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedLinear(Transform):
+    """Several ``torch.nn.Linear`` weights stacked along the output rows (Phi-3 ``qkv_proj``, ``gate_up_proj``).
+
+    Weight ``(sum_j out_j, in)`` <-> arrays ``[in, *out_j]`` (q ``[D, H, hd]``, k / v ``[D, KV, hd]``;
+    gate / up ``[D, F]``): split on import, concatenated again on export.
+    """
+
+    def hf_shape(self, shapes):
+        return (sum(math.prod(s[1:]) for s in shapes), shapes[0][0])
+
+    def to_jax(self, hf, shapes):
+        bounds = np.cumsum([math.prod(s[1:]) for s in shapes])[:-1]
+        return tuple(part.T.reshape(s) for part, s in zip(np.split(hf, bounds, axis=0), shapes, strict=True))
+
+    def to_hf(self, arrays, shapes):
+        return np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1).T
+
+
 IDENTITY = Identity()
 
 

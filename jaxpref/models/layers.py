@@ -52,22 +52,28 @@ def activation(name: str):
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm ``w * x / rms(x)``; with ``plus_one`` (Gemma) ``(1 + w) * x / rms(x)``, w init 0.
+    """RMSNorm ``w * x / rms(x)`` over the last axis; with ``plus_one`` (Gemma) ``(1 + w) * x / rms(x)``, w init 0.
 
     Matches transformers' casting: Llama multiplies the normalised input, cast back to the
-    compute dtype, by the weight; Gemma multiplies in float32 and casts the product.
+    compute dtype, by the weight; Gemma (and OLMo 2, ``f32_product``) multiply in float32 and
+    cast the product. ``dim`` is the normalised size (default ``hidden_size``; ``head_dim`` for
+    per-head q/k norms, ``H * hd`` for OLMo 2's full-projection norms).
     """
 
-    def __init__(self, cfg: ModelConfig, *, plus_one: bool = False):
+    def __init__(self, cfg: ModelConfig, *, plus_one: bool = False, f32_product: bool = False,
+                 dim: int | None = None):
         self.eps, self.plus_one, self.dtype = cfg.norm_eps, plus_one, cfg.jnp_dtype
-        self.scale_d = logical_param(init_const(cfg, (cfg.hidden_size,), 0.0 if plus_one else 1.0), ("norm",))
+        self.f32_product = f32_product or plus_one
+        init = 0.0 if plus_one else 1.0
+        self.scale_d = logical_param(init_const(cfg, (dim or cfg.hidden_size,), init), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(F32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.plus_one:
-            return (normed * (1.0 + self.scale_d[...].astype(F32))).astype(self.dtype)
-        return normed.astype(self.dtype) * self.scale_d[...].astype(self.dtype)
+        w = self.scale_d[...].astype(F32)
+        if self.f32_product:
+            return (normed * (1.0 + w if self.plus_one else w)).astype(self.dtype)
+        return normed.astype(self.dtype) * w.astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -86,9 +92,12 @@ class LayerNorm(nnx.Module):
         return (y * self.scale_d[...].astype(F32) + self.bias_d[...].astype(F32)).astype(self.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm | LayerNorm:
+    """The family's norm (``FamilyTraits.norm``) over ``dim`` features (default ``hidden_size``)."""
     kind = cfg.traits.norm
-    return LayerNorm(cfg) if kind == "layer" else RMSNorm(cfg, plus_one=kind == "rms_plus_one")
+    if kind == "layer":
+        return LayerNorm(cfg)
+    return RMSNorm(cfg, plus_one=kind == "rms_plus_one", f32_product=kind == "rms_f32", dim=dim)
 
 
 # ----------------------------------------------------------------------------------- RoPE
@@ -134,12 +143,23 @@ class Attention(nnx.Module):
 
     Parameters: ``query_dnh [embed, heads, head_dim]``, ``key_dkh`` / ``value_dkh``
     ``[embed, kv_heads, head_dim]``, ``out_nhd [heads, head_dim, embed]``, biases
-    ``query_bias_nh``, ``key_bias_kh``, ``value_bias_kh``, ``out_bias_d``.
+    ``query_bias_nh``, ``key_bias_kh``, ``value_bias_kh``, ``out_bias_d``; with
+    ``FamilyTraits.qk_norm`` also ``q_norm`` / ``k_norm``, applied before RoPE, over each head
+    (``"head"``: Qwen3, Gemma 3) or over the whole projection (``"full"``: OLMo 2).
+
+    Scores are scaled by ``query_pre_attn_scalar ** -0.5`` when set (Gemma 2/3), else
+    ``head_dim ** -0.5``; ``attn_logit_softcap`` travels to the backend in the mask description.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.dtype, self.scale, self.backend = cfg.jnp_dtype, h ** -0.5, cfg.attention
+        scalar = cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar is not None else h
+        self.dtype, self.scale, self.backend = cfg.jnp_dtype, scalar ** -0.5, cfg.attention
+        self.qk_norm = cfg.traits.qk_norm
+        if self.qk_norm is not None:
+            full = self.qk_norm == "full"
+            self.q_norm = make_norm(cfg, n * h if full else h)
+            self.k_norm = make_norm(cfg, k * h if full else h)
         self.query_dnh = logical_param(init_normal(cfg, rngs, (d, n, h)), ("embed", "heads", "head_dim"))
         self.key_dkh = logical_param(init_normal(cfg, rngs, (d, k, h)), ("embed", "kv_heads", "head_dim"))
         self.value_dkh = logical_param(init_normal(cfg, rngs, (d, k, h)), ("embed", "kv_heads", "head_dim"))
@@ -184,6 +204,11 @@ class Attention(nnx.Module):
             q = q + self.query_bias_nh[...].astype(self.dtype)
             k = k + self.key_bias_kh[...].astype(self.dtype)
             v = v + self.value_bias_kh[...].astype(self.dtype)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "full":
+            q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+            k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:

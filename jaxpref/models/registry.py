@@ -9,6 +9,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxpref.models.config import Family, ModelConfig
+from jaxpref.models.families import Gemma2, Gemma3, Olmo2, Phi3, Qwen3
 from jaxpref.models.gemma import Gemma
 from jaxpref.models.gpt2 import GPT2
 from jaxpref.models.gpt_neox import GPTNeoX
@@ -17,7 +18,7 @@ from jaxpref.models.transformer import CausalLM
 from jaxpref.parallel import DEFAULT_RULES, state_shardings
 
 MODEL_CLASSES: dict[Family, type[CausalLM]] = {
-    family: cls for cls in (Llama, Gemma, GPT2, GPTNeoX) for family in cls.FAMILIES
+    family: cls for cls in (Llama, Gemma, GPT2, GPTNeoX, Qwen3, Gemma2, Gemma3, Olmo2, Phi3) for family in cls.FAMILIES
 }
 
 

@@ -33,30 +33,57 @@ from flax import nnx
 
 from jaxpref.models import layers
 from jaxpref.models.attention import MaskSpec, check_backend
+from jaxpref.models.attention.mask import soft_cap
 from jaxpref.models.base import KVCache, ModelOutput
-from jaxpref.models.config import REMAT_POLICIES, Family, ModelConfig, rope_inv_freq
+from jaxpref.models.config import REMAT_POLICIES, Family, ModelConfig, UnsupportedConfigError, rope_inv_freq
 from jaxpref.models.hf_keys import KeyTable
 from jaxpref.models.layer_stack import stack_modules
 from jaxpref.parallel import logical_param
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder layer: ``x + attn(norm x)`` then ``+ mlp(norm x)`` (or both from x: parallel)."""
+    """Decoder layer ``x + attn(norm x)`` then ``+ mlp(norm x)`` (or both from x: parallel residual).
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.parallel_residual = cfg.parallel_residual
-        self.attn_norm = layers.make_norm(cfg)
+    ``FamilyTraits.norm_layout`` places the norms: "pre" as above; "sandwich" (Gemma 2/3) also
+    normalises each branch's output, ``x + post_norm(f(norm x))``; "post" (OLMo 2) only that,
+    ``x + post_norm(f(x))``. Per-layer static settings (``layer`` index): the sliding window
+    of a local layer (:meth:`ModelConfig.layer_window`) and, when the model passes one RoPE
+    table per layer kind (``{"global": ..., "local": ...}``, Gemma 3), which one it uses.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
+        self.parallel_residual, layout = cfg.parallel_residual, cfg.traits.norm_layout
+        self.local, self.sliding_window, self.softcap = cfg.layer_is_local(layer), cfg.layer_window(layer), \
+            cfg.attn_logit_softcap
+        if layout != "post":
+            self.attn_norm = layers.make_norm(cfg)
+            self.mlp_norm = layers.make_norm(cfg)
         self.attn = layers.Attention(cfg, rngs=rngs)
-        self.mlp_norm = layers.make_norm(cfg)
         self.mlp = layers.make_mlp(cfg, rngs=rngs)
+        if layout != "pre":
+            self.attn_post_norm = layers.make_norm(cfg)
+            self.mlp_post_norm = layers.make_norm(cfg)
+
+    def _branch(self, f, pre: str, post: str, x):
+        x = getattr(self, pre)(x) if hasattr(self, pre) else x
+        out = f(x)
+        return (getattr(self, post)(out[0]), *out[1:]) if hasattr(self, post) else out
 
     def __call__(self, x_btd, *, mask, rope, cache=None, layer=0, index=0):
         """[B, T, D] -> ([B, T, D], updated cache buffers); see :meth:`layers.Attention.__call__`."""
-        h, cache = self.attn(self.attn_norm(x_btd), mask=mask, rope=rope, cache=cache, layer=layer, index=index)
+        mask = mask.replace(sliding_window=self.sliding_window, softcap=self.softcap)
+        if isinstance(rope, dict):
+            rope = rope["local" if self.local else "global"]
+
+        def attn(x):
+            return self.attn(x, mask=mask, rope=rope, cache=cache, layer=layer, index=index)
+
+        h, cache = self._branch(attn, "attn_norm", "attn_post_norm", x_btd)
+        mlp = lambda x: (self.mlp(x),)  # noqa: E731
         if self.parallel_residual:
-            return x_btd + h + self.mlp(self.mlp_norm(x_btd)), cache
+            return x_btd + h + self._branch(mlp, "mlp_norm", "mlp_post_norm", x_btd)[0], cache
         x_btd = x_btd + h
-        return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
+        return x_btd + self._branch(mlp, "mlp_norm", "mlp_post_norm", x_btd)[0], cache
 
 
 def _remat(fn, policy: str):
@@ -128,7 +155,12 @@ class CausalLM(nnx.Module):
         if config.learned_positions:
             shape = (config.max_position_embeddings, config.hidden_size)
             self.position_pd = logical_param(layers.init_normal(config, rngs, shape), (None, "embed"))
-        blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
+        kinds = {(config.layer_is_local(i), config.layer_window(i)) for i in range(config.num_layers)}
+        if config.scan_layers and len(kinds) > 1:
+            raise UnsupportedConfigError(f"model.scan_layers=true: the layers of {config.family.value} differ (local / "
+                                         "global attention, windows), so they cannot run as one scanned stack; "
+                                         "set model.scan_layers=false")
+        blocks = [Block(config, rngs=rngs, layer=i) for i in range(config.num_layers)]
         # stacked from the same draws: a scanned model equals the unrolled one built from the same seed
         self.layers = stack_modules(blocks) if config.scan_layers else nnx.List(blocks)
         self.final_norm = layers.make_norm(config)
@@ -187,6 +219,8 @@ class CausalLM(nnx.Module):
             x = x + jnp.take(self.position_pd[...], positions, axis=0).astype(x.dtype)
         else:
             rope = layers.rope_sin_cos(positions, rope_inv_freq(cfg))
+            if cfg.rope_local_theta is not None or cfg.rope_linear_factor != 1.0:  # Gemma 3: one table per kind
+                rope = {"global": rope, "local": layers.rope_sin_cos(positions, rope_inv_freq(cfg, local=True))}
 
         if cache is None:
             kv, index = None, 0
@@ -222,10 +256,12 @@ class CausalLM(nnx.Module):
         return self.lm_head_dv[...], "dv"
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
-        """[B, T, D] final hidden states -> [B, T, V] float32 logits (float32 accumulation)."""
+        """[B, T, D] final hidden states -> [B, T, V] float32 logits (float32 accumulation), soft-capped
+        by ``final_logit_softcap`` when set (Gemma 2)."""
         matrix, layout = self.unembedding()
         eq = "btd,dv->btv" if layout == "dv" else "btd,vd->btv"
-        return jnp.einsum(eq, hidden_btd, matrix.astype(hidden_btd.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum(eq, hidden_btd, matrix.astype(hidden_btd.dtype), preferred_element_type=jnp.float32)
+        return soft_cap(logits, self.config.final_logit_softcap)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty cache: k/v [L, B, S, KV, hd] zeros (compute dtype by default), segments 0, index 0."""

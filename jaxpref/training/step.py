@@ -100,7 +100,8 @@ def forward_logps(graphdef, params, rest, input_ids, segment_ids, positions, los
     out = model(input_ids, positions=positions, segment_ids=segment_ids, right_padded=right_padded)
     matrix, layout = model.unembedding()
     return logprobs.sequence_logprobs(out.hidden, matrix, input_ids, loss_mask, layout=layout,
-                                      seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+                                      seq_chunk=seq_chunk, vocab_chunk=vocab_chunk,
+                                      softcap=model.config.final_logit_softcap)
 
 
 def pair_logps(graphdef, params, rest, batch: PairBatch, **chunks) -> tuple[Array, Array]:
@@ -130,7 +131,8 @@ def packed_pair_logps(graphdef, params, rest, batch: PackedPairBatch, *, num_seg
     out = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids, **branch)
     matrix, layout = model.unembedding()
     lp = logprobs.segment_logprobs(out.hidden, matrix, batch.input_ids, batch.loss_mask, batch.segment_ids,
-                                   batch.branch_ids, num_segments=num_segments, layout=layout, **chunks)
+                                   batch.branch_ids, num_segments=num_segments, layout=layout,
+                                   softcap=model.config.final_logit_softcap, **chunks)
     return lp.sums[batch.pair_segments], lp.counts[batch.pair_segments]
 
 
