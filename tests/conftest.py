@@ -97,7 +97,8 @@ def eight_devices() -> list:
 # two xdist workers do not end with one long file running alone; the rest keep their collection order.
 LONGEST_FILES = ("test_readme_commands.py", "test_repro_razin.py", "test_gguf_io.py", "test_wro.py",
                  "test_crosscheck.py", "test_demo.py", "test_repro_chen_liu.py", "test_reliability.py",
-                 "test_sweep.py")
+                 "test_accelerator_suite.py", "test_eval_during_training.py", "test_scan_layers.py", "test_plan.py",
+                 "test_shared_prompt.py", "test_sweep.py")
 
 
 def _file_rank(item) -> int:
