@@ -126,6 +126,8 @@ def test_model_remat_settings_reach_model_loading(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "load_model", fake_load_model)
     with pytest.raises(Stop):
         loop.run_training(cfg, kind="sft")
-    assert seen == {"num_layers": 1, "remat": True, "remat_policy": "dots_no_batch"}
+    assert {k: v for k, v in seen.items() if k != "scan_layers"} == {"num_layers": 1, "remat": True,
+                                                                     "remat_policy": "dots_no_batch"}
+    assert not seen.get("scan_layers", False)  # the run's layout (model.scan_layers, default unrolled)
     with pytest.raises(ConfigError, match="model.remat_policy"):
         load_config(RunConfig, None, ["model.remat_policy=most"])

@@ -72,7 +72,6 @@ def test_readme_real_model_commands_run(tmp_path, shared_data, subprocess_env):
         summary = json.loads((work / "runs" / run / "summary.json").read_text())
         held_out[run] = summary["data"]["eval"]["rows_kept"]  # data.eval_split of the config: never trained on
         assert summary["steps"] == 1 and summary["data"]["rows_kept"] + summary["data"]["eval"]["rows_held_out"] == 8
-        assert summary["eval"]["last"]["step"] == 1 and "eval/ranking_accuracy" in summary["eval"]["last"]
         meta = json.loads((work / "runs" / run / "model.json").read_text())
         assert meta["hf_config"]["vocab_size"] == 49152 and meta["tokenizer"] == "gguf:smollm2-135m-instruct"
     rpo = json.loads((work / "runs" / "smollm2_rpo" / "summary.json").read_text())

@@ -308,7 +308,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         samples = _sample_reference(cfg, graphdef, rest, sample_params, data, tokenizer)
     syncing = kind == "preference" and cfg.reference.sync_every > 0  # live strategy (config check)
     evaluator = None
-    if datasets.eval is not None:  # scores the initial policy (and reference) before a checkpoint is restored
+    if datasets.eval is not None and cfg.train.eval_every > 0:  # scores the initial policy (and reference) first
         evaluator = make_evaluator(cfg, kind, datasets, graphdef, rest, mesh, comp=None if sample_terms else comp,
                                    current_reference=(lambda: ref_params) if syncing else None, tokenizer=tokenizer,
                                    steps=steps)
