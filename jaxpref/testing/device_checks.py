@@ -76,11 +76,6 @@ def _precision(dtype: str):
     return jax.default_matmul_precision("highest") if dtype == "float32" else contextlib.nullcontext()
 
 
-def _split(dtype: str, seed: int):
-    model = random_model(check_config(dtype), seed=seed)
-    return S.split_model(model)
-
-
 def _on_cpu(tree):
     return jax.device_put(tree, cpu())
 
@@ -92,7 +87,8 @@ def _batch(n_pairs: int = 4, seq_len: int = 64):
 
 @functools.cache
 def _split_cached(dtype: str, seed: int):
-    return _split(dtype, seed)
+    """``(graphdef, params, rest)`` of the check model (built once per dtype and seed)."""
+    return S.split_model(random_model(check_config(dtype), seed=seed))
 
 
 @functools.cache
