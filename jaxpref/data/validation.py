@@ -48,6 +48,12 @@ REASONS: dict[str, str] = {
     "duplicate_id": "another kept row has the same id",
     "invalid_messages": "a message list is malformed (not a list of {role, content} objects)",
     "no_common_prompt": "the two transcripts share no prefix ending in an assistant tag",
+    # multi-response rows (multi_response.py)
+    "invalid_responses": "the response list is not a list of strings or objects, or its score list does not match",
+    "too_few_responses": "fewer than two responses: nothing to rank or pair",
+    "missing_score": "a response has no score or rating (absent, null or N/A)",
+    "invalid_score": "a score or rating is not a finite number",
+    "all_tied": "every response has the same score: no preference to learn",
     # tokenising (tokenize.py)
     "prompt_too_long": "the tokenised prompt is longer than the limit",
     "too_long": "prompt + response is longer than max_length (policy 'drop')",
