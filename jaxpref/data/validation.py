@@ -134,6 +134,15 @@ class RejectLog:
         """Reason -> number of rows rejected for it (most frequent first)."""
         return dict(collections.Counter(r.reason for r in self._rejects).most_common())
 
+    def first(self) -> str:
+        """The first reject as ``"row R (id I) key K: reason: detail"``, or ``"no rejects"``."""
+        if not self._rejects:
+            return "no rejects"
+        r = min(self._rejects, key=lambda x: x.row)
+        ident = f" (id {r.id})" if r.id is not None else ""
+        key = f" key {r.field}" if r.field else ""
+        return f"row {r.row}{ident}{key}: {r.reason}" + (f": {r.detail}" if r.detail else "")
+
     def summary(self) -> str:
         """One line per reason, e.g. ``"rejected 4 of 2000 rows: identical 1, whitespace_only 3"``."""
         parts = ", ".join(f"{k} {v}" for k, v in self.counts().items())

@@ -165,7 +165,8 @@ def load_datasets(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str, *
     log.info("data %s: %s; %s", d.train, tokenized.stats.summary(), data.rejects.summary()
              if hasattr(data.rejects, "summary") else f"{len(data.rejects)} rows rejected")
     if len(tokenized) == 0:
-        raise RunError(f"data.train {d.train}: no usable rows (see {run_dir / 'rejects.jsonl'})")
+        first = (tok_rejects if len(tok_rejects) else data.rejects).first()  # names the row and key
+        raise RunError(f"data.train {d.train}: no usable rows (first reject: {first}; see {run_dir / 'rejects.jsonl'})")
     if held_tok is not None and len(held_tok) == 0:
         raise RunError(f"held-out data {summary['eval']['source']}: no usable rows (see "
                        f"{run_dir / ('eval_rejects.jsonl' if d.eval else 'rejects.jsonl')})")
