@@ -128,6 +128,10 @@ def load_datasets(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str, *
     data = data_formats.load_preferences(d.train, fmt, split=d.split)
     records = data.records[: d.limit] if d.limit else data.records
     held, held_rejects, split = None, data.rejects, None
+    if not records:  # before the hold-out, whose own error would not name the bad rows
+        data.rejects.write(run_dir / "rejects.jsonl")
+        raise RunError(f"data.train {d.train}: no usable rows (first reject: {data.rejects.first()}; see "
+                       f"{run_dir / 'rejects.jsonl'})")
     if d.eval_split:
         seed = cfg.train.seed if d.split_seed is None else d.split_seed
         records, held, split = data_split.hold_out(records, fraction=d.eval_split, seed=seed, source=d.train,
