@@ -131,10 +131,12 @@ def test_ultrafeedback_objects_presets_and_score_keys(tmp_path):
     # the same rows through the named preset
     assert formats.load_preferences(tmp_path / "uf.jsonl", "ultrafeedback").records == data.records
     # prompt + completions with a per-completion "rating" (string ratings as in UltraFeedback's annotations)
-    rated = [{"prompt": "q", "completions": [{"response": "x", "rating": "4"}, {"response": "y", "rating": 2},
+    rated = [{"prompt": "q", "completions": "not a list"},
+             {"prompt": "q", "completions": [{"response": "x", "rating": "4"}, {"response": "y", "rating": 2},
                                              {"response": "z", "rating": "5"}]}]
     got = formats.load_preferences(_write(tmp_path / "rated.jsonl", rated))
     assert got.config.scores_field == "rating" and got.records[0].scores == (4.0, 2.0, 5.0)
+    assert [(r.row, r.reason, r.field) for r in got.rejects] == [(0, "invalid_responses", "completions")]
     # flat responses / ratings, detected and through the preset
     flat = [{"prompt": "q", "responses": ["x", "y", "z"], "ratings": [1, 3, 2]}]
     path = _write(tmp_path / "ratings.jsonl", flat)

@@ -63,7 +63,8 @@ class DataFormatConfig:
 
     Attributes:
       format: ``"auto"``, one of :data:`FORMATS`, or a preset name (``"llmfao"``,
-        ``"pandalm"``; resolved by :func:`format_config`).
+        ``"pandalm"``, ``"ultrafeedback"``, ``"completions"``, ``"ratings"``; resolved by
+        :func:`format_config`).
       prompt_field: prompt text (explicit, votes, optional for messages).
       chosen_field: chosen response / transcript / message list.
       rejected_field: rejected response / transcript / message list.

@@ -22,8 +22,8 @@ fails :func:`~jaxpref.data.validation.check_text` (the field is named as ``compl
 * ``best_vs_worst``: the first best response against the first worst one (one pair per row);
 * ``best_vs_random``: the first best response against one response drawn uniformly from those scored
   strictly lower (one pair per row; the draw is seeded by ``(seed, source row)``, so a row's pair does not
-  depend on the other rows, the limit or the held-out split). This is how UltraFeedback is usually
-  binarised (Tunstall et al. 2023, Zephyr);
+  depend on the other rows, the limit or the held-out split). UltraFeedback's usual binarisation
+  (Tunstall et al. 2023, Zephyr) draws from all the other responses; tied ones are excluded here;
 * ``all_pairs``: every two responses with different scores (up to ``n (n - 1) / 2`` pairs per row).
 
 Ties are never pairs: a pair the mode would consider whose scores are equal (or whose texts are
@@ -146,14 +146,9 @@ def read_multi(v: dict, cfg) -> tuple[str, tuple[str, ...], tuple[float, ...]]:
 def object_score_key(sample: Sequence[dict], cfg) -> str | None:
     """The score key of response objects in ``sample`` rows: ``cfg.scores_field`` when any object holds it,
     else the first of :data:`OBJECT_SCORE_KEYS` some object holds, else None (flat rows, or no key)."""
-    objs = [x for v in sample for x in (v.get(cfg.responses_field) or []) if isinstance(x, dict)] \
-        if all(isinstance(v.get(cfg.responses_field, []), list) for v in sample) else []
-    if not objs:
-        return None
-    for key in (cfg.scores_field, *OBJECT_SCORE_KEYS):
-        if any(key in x for x in objs):
-            return key
-    return None
+    lists = [v[cfg.responses_field] for v in sample if isinstance(v.get(cfg.responses_field), list)]
+    objs = [x for items in lists for x in items if isinstance(x, dict)]
+    return next((key for key in (cfg.scores_field, *OBJECT_SCORE_KEYS) if any(key in x for x in objs)), None)
 
 
 # ---------------------------------------------------------------- pair derivation
