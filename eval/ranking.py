@@ -28,7 +28,8 @@ Writes ``ranking.json`` (summary), ``per_example.jsonl`` and ``margins.png`` / `
   (Chen et al. Def. A.8 / App. A.6, the UltraFeedback columns of Tables 2-4): ranks ``1 + #{j : s_j > s_i}``
   on both sides (``scipy.stats.rankdata(method="max")`` with rank 1 = best), so tied human scores need
   exactly equal log-probs. ``ranking.json`` then has ``metric: exact_match`` and ``per_example.jsonl`` one
-  row per prompt (scores, log-probs, both rank vectors). R* is defined for pairs only: no ``--reference``.
+  row per prompt (scores, log-probs, both rank vectors). R* is defined for pairs only: no ``--reference``;
+  ``--strict-ties`` / ``--include-ties`` do not apply (ties are part of the rank vectors).
 """
 
 from __future__ import annotations
