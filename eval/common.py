@@ -12,7 +12,8 @@ def add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required, help="preference pairs: local json/jsonl(.gz)/parquet, hub id, or "
                                                      "heldout:RUN_DIR (the rows a training run held out)")
-    g.add_argument("--format", default="auto", help="auto, explicit, hh, messages, votes, llmfao, pandalm")
+    g.add_argument("--format", default="auto", help="auto, explicit, hh, messages, votes, llmfao, pandalm, "
+                                                    "multi, ultrafeedback, completions, ratings (n > 2 responses)")
     g.add_argument("--split", default=None, help="hub split (default train)")
     g.add_argument("--limit", type=int, default=None, help="first N pairs only")
     g.add_argument("--max-length", type=int, default=512, help="max prompt+response tokens (prompt cut on the left)")

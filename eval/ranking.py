@@ -22,6 +22,14 @@ Writes ``ranking.json`` (summary), ``per_example.jsonl`` and ``margins.png`` / `
   ``--include-ties`` every accuracy uses the Def. C.1 rule (ε = 0.01), one rule on one scale per pair of
   metrics (``jaxpref.metrics.tie_rule_scores``, the released code's scales): summed log-probs for R and
   R*, the geometric-mean probability exp(mean log-prob) = 1/perplexity for R̃ and R̃*.
+* **More than two responses** (``--data`` in a multi-response format such as ``ultrafeedback``, or the
+  held-out prompts of a run trained on one; :mod:`jaxpref.data.multi_response`): every response is scored
+  and R / R̃ are the **exact match** of the model's full ranking of the n responses with the human one
+  (Chen et al. Def. A.8 / App. A.6, the UltraFeedback columns of Tables 2-4): ranks ``1 + #{j : s_j > s_i}``
+  on both sides (``scipy.stats.rankdata(method="max")`` with rank 1 = best), so tied human scores need
+  exactly equal log-probs. ``ranking.json`` then has ``metric: exact_match`` and ``per_example.jsonl`` one
+  row per prompt (scores, log-probs, both rank vectors). R* is defined for pairs only: no ``--reference``;
+  ``--strict-ties`` / ``--include-ties`` do not apply (ties are part of the rank vectors).
 """
 
 from __future__ import annotations
@@ -186,16 +194,72 @@ def _plots(out: pathlib.Path, model_scores, summary: dict, columns: dict) -> Non
     plt.close(fig)
 
 
+def compute_multi(sums: list[np.ndarray], means: list[np.ndarray], human: list[np.ndarray]) -> tuple[dict, dict]:
+    """(summary, per-prompt columns): exact-match ranking accuracy over n responses (Chen Def. A.8 / App. A.6)
+    on summed (R) and per-token mean (R̃) log-probs; per prompt ``[n]`` arrays, padded with ``-inf``
+    (:func:`jaxpref.data.multi_response.padded_scores`), which never changes a match."""
+    from jaxpref import metrics
+    from jaxpref.data.multi_response import padded_scores
+
+    h = jnp.asarray(padded_scores(human))
+    cols = {"human_rank": np.asarray(metrics.competition_ranks(h))}
+    summary = {"metric": "exact_match", "n_prompts": len(human),
+               "responses_per_prompt": {str(k): int(v) for k, v in zip(*np.unique([len(x) for x in human],
+                                                                                  return_counts=True))},
+               "prompts_with_tied_human_scores": int(sum(len(set(x.tolist())) < len(x) for x in human))}
+    for key, values in (("ranking_accuracy", sums), ("ranking_accuracy_normalized", means)):
+        m = jnp.asarray(padded_scores(values))
+        summary[key] = float(metrics.exact_match_ranking(m, h).mean)
+        rank = np.asarray(metrics.competition_ranks(m))
+        cols["model_rank" if key == "ranking_accuracy" else "model_rank_normalized"] = rank
+        cols["correct" if key == "ranking_accuracy" else "correct_normalized"] = np.all(rank == cols["human_rank"], -1)
+    return summary, cols
+
+
+def _main_multi(args, ev, model, tok, records, rejects, out: pathlib.Path) -> dict:
+    """eval.ranking on multi-response records: score every response, exact-match R / R̃ (module docstring)."""
+    from jaxpref.data import multi_response
+    from jaxpref.data.sources import DataError
+
+    if args.reference:
+        raise DataError(f"--reference {args.reference}: R* / R̃* (Chen et al. Cor. 3.3) are defined for pairs; "
+                        f"{args.data} holds n > 2 responses per prompt (exact-match ranking accuracy only)")
+    records = records[: args.limit] if args.limit else records
+    sp = multi_response.scoring_pairs(records, tok, common.tokenize_config(args), rejects=rejects)
+    if not sp.records:
+        raise DataError(f"{args.data}: no usable multi-response rows ({rejects.summary()})")
+    scores = ev.score_pairs(model, sp.pairs, batch_size=args.batch_size, progress=not args.no_progress, desc="model")
+    sums, means = sp.response_scores(scores.sums), sp.response_scores(scores.means)
+    summary, cols = compute_multi(sums, means, [np.asarray(r.scores, np.float32) for r in sp.records])
+    summary = {"model": args.model, "data": str(args.data), "rows_rejected": len(rejects), **summary,
+               "scoring": {"model": scores.stats.to_json()}}
+    ev.write_json(out / "ranking.json", summary)
+    ev.write_jsonl(out / "per_example.jsonl", [
+        {"id": r.id, "row": r.row, "n": len(r.scores), "scores": list(r.scores), "logp": sums[i].tolist(),
+         "logp_mean": means[i].tolist(), "human_rank": cols["human_rank"][i, :len(r.scores)].tolist(),
+         "model_rank": cols["model_rank"][i, :len(r.scores)].tolist(),
+         "model_rank_normalized": cols["model_rank_normalized"][i, :len(r.scores)].tolist(),
+         "correct": bool(cols["correct"][i]), "correct_normalized": bool(cols["correct_normalized"][i])}
+        for i, r in enumerate(sp.records)])
+    print(f"R = {summary['ranking_accuracy']:.4f}  R̃ = {summary['ranking_accuracy_normalized']:.4f}  (exact match "
+          f"over {summary['responses_per_prompt']} responses per prompt) -> {out / 'ranking.json'}")
+    return summary
+
+
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
     common.setup_logging()
     from jaxpref import evaluation as ev
+    from jaxpref.data import multi_response
 
     out = pathlib.Path(args.out)
     try:
         loaded, tok = ev.load_model_and_tokenizer(args.model, args.tokenizer)
+        source = multi_response.load_records(args.data, format=args.format, split=args.split)
+        if multi_response.is_multi(source[0]):
+            return _main_multi(args, ev, loaded.model, tok, source[0], source[1], out)
         data = ev.load_eval_pairs(args.data, tok, format=args.format, split=args.split, limit=args.limit,
-                                  tokenize=common.tokenize_config(args))
+                                  tokenize=common.tokenize_config(args), loaded=source)
         kw = dict(batch_size=args.batch_size, progress=not args.no_progress)
         scores = ev.score_pairs(loaded.model, data.pairs, desc="model", **kw)
         del loaded

@@ -94,7 +94,12 @@ class DataConfig:
       split_seed: seed of ``eval_split`` (None = ``train.seed``).
       split: split for hub datasets.
       format: ``auto``, ``explicit``, ``hh``, ``messages``, ``votes``, ``llmfao``, ``pandalm``,
-        ``sft`` (prompt/response demonstrations).
+        ``sft`` (prompt/response demonstrations), ``multi`` / ``ultrafeedback`` / ``completions`` /
+        ``ratings`` (n scored responses per prompt, :mod:`jaxpref.data.multi_response`).
+      multi_pairs: how ``multi`` rows become training (and held-out) pairs: ``best_vs_worst``,
+        ``best_vs_random`` (seeded by ``train.seed`` and the source row) or ``all_pairs``; tied
+        scores are never paired (skipped and counted in ``summary.json``'s ``data.pairs``). The
+        held-out split is drawn over prompts, before the pairs.
       fields: field-name mapping, e.g. ``{prompt: question, chosen: good, rejected: bad}``.
       limit: keep only the first N rows (after loading), or None for all.
       max_length: longest prompt+response in tokens.
@@ -127,6 +132,7 @@ class DataConfig:
     split: str = "train"
     format: str = "auto"
     fields: dict[str, str] = field(default_factory=dict)
+    multi_pairs: str = "best_vs_worst"
     limit: int | None = None
     max_length: int = 512
     max_prompt_length: int | None = None
@@ -143,6 +149,10 @@ class DataConfig:
         """The limits batching and tokenisation need, checked before anything is loaded."""
         if self.max_length < 2:
             raise ConfigError(f"data.max_length={self.max_length!r}: expected >= 2")
+        from jaxpref.data.multi_response import PAIR_MODES
+
+        if self.multi_pairs not in PAIR_MODES:
+            raise ConfigError(f"data.multi_pairs={self.multi_pairs!r}: expected one of {list(PAIR_MODES)}")
         if not 0.0 <= self.eval_split < 1.0:
             raise ConfigError(f"data.eval_split={self.eval_split!r}: expected a fraction in [0, 1) (0 = no hold-out)")
         if self.eval_split and self.eval:

@@ -47,6 +47,7 @@ from flax import nnx
 from jaxpref import logprobs, parallel
 from jaxpref.compile_cache import CompileWatch
 from jaxpref.data import formats as data_formats
+from jaxpref.data import multi_response
 from jaxpref.data import split as data_split
 from jaxpref.data.batching import pair_batch
 from jaxpref.data.packing import pack_sequences, shared_lengths
@@ -107,7 +108,7 @@ class EvalData:
 
 def load_eval_pairs(source: str | os.PathLike, tokenizer, *, format: str | None = None, split: str | None = None,
                     limit: int | None = None, tokenize: TokenizeConfig | None = None,
-                    fields: dict | None = None) -> EvalData:
+                    fields: dict | None = None, loaded: tuple | None = None) -> EvalData:
     """Load -> normalise -> (first ``limit`` records) -> tokenise, as training does.
 
     Args:
@@ -118,18 +119,18 @@ def load_eval_pairs(source: str | os.PathLike, tokenizer, *, format: str | None 
       limit: keep the first N normalised records.
       tokenize: :class:`TokenizeConfig` (default: the training defaults).
       fields: field-name mapping (see :func:`jaxpref.data.format_config`).
+      loaded: ``(records, rejects, run config)`` of :func:`jaxpref.data.multi_response.load_records`, to not
+        read ``source`` again. Multi-response records become pairs as in training (the run's
+        ``data.multi_pairs``; ``best_vs_worst`` for a file).
     """
-    if data_split.is_heldout_spec(source):  # a run's held-out rows, read with the run's data settings
-        records, rejects, _, _ = data_split.heldout_source(str(source))
-        fmt_name = "sft" if records and isinstance(records[0], data_formats.SFTRecord) else "pairs"
-    else:
-        fmt = data_formats.format_config(None if format in (None, "auto") else format, fields=fields)
-        data = data_formats.load_preferences(source, fmt, split=split)
-        records, rejects, fmt_name = data.records, data.rejects, data.config.format
-    if fmt_name == "sft":
+    records, rejects, run_cfg = loaded or multi_response.load_records(source, format=format, split=split,
+                                                                      fields=fields)
+    if records and isinstance(records[0], data_formats.SFTRecord):
         raise DataError(f"{source}: holds demonstrations (prompt/response), not preference pairs")
     records = records[:limit] if limit else records
-    pairs = tokenize_pairs(records, tokenizer, tokenize or TokenizeConfig(), rejects=rejects)
+    mode, seed = (run_cfg.data.multi_pairs, run_cfg.train.seed) if run_cfg is not None else ("best_vs_worst", 0)
+    records, pair_rejects, _ = multi_response.training_pairs(records, mode, seed, rejects, str(source))
+    pairs = tokenize_pairs(records, tokenizer, tokenize or TokenizeConfig(), rejects=pair_rejects)
     if len(pairs) == 0:
         raise DataError(f"{source}: no usable pairs ({rejects.summary()})")
     by_id = {r.id: r for r in records}

@@ -30,6 +30,7 @@ from jaxpref.data.formats import (
     transcript_to_messages,
 )
 from jaxpref.data.iterator import BatchDataset, BatchIterator, batch_iterator
+from jaxpref.data.multi_response import PAIR_MODES, DerivedPairs, MultiResponseRecord, derive_pairs
 from jaxpref.data.sources import EXTENSIONS, DataError, load_rows
 from jaxpref.data.tokenize import (
     TRUNCATION,
@@ -50,6 +51,8 @@ __all__ = [
     # formats: normalised records
     "FORMATS", "PRESETS", "DataFormatConfig", "PreferenceData", "PreferenceRecord", "SFTRecord",
     "detect_format", "format_config", "load_preferences", "normalize", "split_hh", "transcript_to_messages",
+    # multi-response rows (n > 2) and their pairs
+    "PAIR_MODES", "DerivedPairs", "MultiResponseRecord", "derive_pairs",
     # tokenize
     "TRUNCATION", "TokenizeConfig", "TokenizedPairs", "TokenizedSFT", "TokenizeStats", "tokenize_pairs",
     "tokenize_sft",

@@ -19,6 +19,13 @@ Supported input formats (``DataFormatConfig.format``):
   (share exactly 0.5) is kept with ``tie=True`` (a before b) unless ``drop_ties``.
 * presets ``"llmfao"`` and ``"pandalm"``: the votes format with the field names of the shared
   multi-annotator files.
+* ``"multi"``: one prompt with ``n >= 2`` scored responses (UltraFeedback style), as a list of
+  ``{response, score}`` objects or flat ``responses`` / ``scores`` lists; gives
+  :class:`~jaxpref.data.multi_response.MultiResponseRecord` s, from which training pairs are derived
+  (best vs worst, best vs random, all pairs; :mod:`jaxpref.data.multi_response`). Presets
+  ``"ultrafeedback"`` (``instruction`` + ``completions[].response`` / ``.overall_score``),
+  ``"completions"`` (``prompt`` + ``completions``; the score key ``overall_score``, ``rating`` or
+  ``score`` is picked from the rows) and ``"ratings"`` (flat ``responses`` / ``ratings``).
 * ``"sft"`` (demonstrations, not pairs): ``prompt`` / ``response`` strings, or a ``messages``
   list whose last turn is the assistant's response; gives :class:`SFTRecord` s.
 
@@ -39,13 +46,15 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxpref.data import multi_response
+from jaxpref.data.multi_response import MultiResponseRecord
 from jaxpref.data.sources import DataError, Row, load_rows
 from jaxpref.data.validation import RejectLog, RowError, check_text
 
 Message = dict[str, str]
 Text = str | list[Message]  # a plain string or a conversation
 
-FORMATS = ("explicit", "hh", "messages", "votes", "sft")
+FORMATS = ("explicit", "hh", "messages", "votes", "multi", "sft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +63,17 @@ class DataFormatConfig:
 
     Attributes:
       format: ``"auto"``, one of :data:`FORMATS`, or a preset name (``"llmfao"``,
-        ``"pandalm"``; resolved by :func:`format_config`).
+        ``"pandalm"``, ``"ultrafeedback"``, ``"completions"``, ``"ratings"``; resolved by
+        :func:`format_config`).
       prompt_field: prompt text (explicit, votes, optional for messages).
       chosen_field: chosen response / transcript / message list.
       rejected_field: rejected response / transcript / message list.
       response_a_field: first response of a voted pair.
       response_b_field: second response of a voted pair.
       vote_field: share of annotators preferring response a, in [0, 1].
-      response_field: the demonstration of an ``sft`` row.
+      response_field: the demonstration of an ``sft`` row; the text key of ``multi`` response objects.
+      responses_field: the response list of a ``multi`` row (strings or objects).
+      scores_field: the score list of a flat ``multi`` row, or the score key inside its response objects.
       messages_field: the conversation of an ``sft`` row (instead of prompt/response).
       alpha_field: optional vote share for chosen in the explicit / hh / messages formats.
       id_field: field holding a row id (str or int); rows without one get ``"row:<index>"``.
@@ -81,6 +93,8 @@ class DataFormatConfig:
     response_b_field: str = "response_b"
     vote_field: str = "p_a_preferred"
     response_field: str = "response"
+    responses_field: str = "responses"
+    scores_field: str = "scores"
     messages_field: str = "messages"
     alpha_field: str | None = None
     id_field: str | None = "id"
@@ -106,6 +120,13 @@ PRESETS: dict[str, DataFormatConfig] = {
     # shared/data/pandalm_testset_v1_multiannotator.jsonl: 3 human annotators.
     "pandalm": DataFormatConfig(format="votes", response_a_field="response1", response_b_field="response2",
                                 vote_field="p_response1_preferred", id_field="idx"),
+    # openbmb/UltraFeedback: instruction + completions[{response, overall_score, ...}].
+    "ultrafeedback": DataFormatConfig(format="multi", prompt_field="instruction", responses_field="completions",
+                                      scores_field="overall_score"),
+    # prompt + completions[{response, overall_score | rating | score}] (the key is picked from the rows).
+    "completions": DataFormatConfig(format="multi", responses_field="completions", scores_field="overall_score"),
+    # flat prompt + responses[...] + ratings[...].
+    "ratings": DataFormatConfig(format="multi", scores_field="ratings"),
 }
 
 
@@ -117,7 +138,8 @@ def format_config(spec: str | DataFormatConfig | None = None, fields: dict[str, 
       spec: None (auto), a format name, a preset name or a :class:`DataFormatConfig`.
       fields: short field mapping, e.g. ``{"prompt": "question", "chosen": "good"}``; the keys are
         the ``*_field`` attribute names without the suffix (``prompt``, ``chosen``, ``rejected``,
-        ``response_a``, ``response_b``, ``vote``, ``alpha``, ``id``, ``response``, ``messages``).
+        ``response_a``, ``response_b``, ``vote``, ``alpha``, ``id``, ``response``, ``messages``, ``responses``,
+        ``scores``).
       **overrides: any other :class:`DataFormatConfig` attribute.
     """
     for key, value in (fields or {}).items():
@@ -187,7 +209,7 @@ class PreferenceData:
       config: the resolved format config (``format`` is never ``"auto"`` here).
     """
 
-    records: list[PreferenceRecord] | list[SFTRecord]
+    records: list[PreferenceRecord] | list[SFTRecord] | list[MultiResponseRecord]
     rejects: RejectLog
     config: DataFormatConfig
 
@@ -353,9 +375,14 @@ def _read_sft(v: dict, cfg: DataFormatConfig):
     return _text(v, cfg.prompt_field, cfg), _text(v, cfg.response_field, cfg), None, None, False
 
 
+def _read_multi(v: dict, cfg: DataFormatConfig):
+    prompt, responses, scores = multi_response.read_multi(v, cfg)
+    return prompt, responses, scores, None, False
+
+
 _READERS: dict[str, Callable] = {
     "explicit": _read_explicit, "hh": _read_hh, "messages": _read_messages, "votes": _read_votes,
-    "sft": _read_sft,
+    "multi": _read_multi, "sft": _read_sft,
 }
 
 
@@ -372,7 +399,14 @@ def detect_format(rows: Sequence[Row], cfg: DataFormatConfig | None = None, sour
     sample = [v for _, v in rows[:200] if isinstance(v, dict)]
     keys = set().union(*(v.keys() for v in sample)) if sample else set()
     for preset in PRESETS.values():
-        if {preset.prompt_field, preset.response_a_field, preset.response_b_field, preset.vote_field} <= keys:
+        if preset.format == "votes" and {preset.prompt_field, preset.response_a_field, preset.response_b_field,
+                                         preset.vote_field} <= keys:
+            return preset
+    if {cfg.prompt_field, cfg.responses_field} <= keys:
+        flat = cfg.scores_field if cfg.scores_field in keys or "ratings" not in keys else "ratings"
+        return dataclasses.replace(cfg, format="multi", scores_field=flat)
+    for preset in PRESETS.values():
+        if preset.format == "multi" and {preset.prompt_field, preset.responses_field} <= keys:
             return preset
     if {cfg.response_a_field, cfg.response_b_field, cfg.vote_field} <= keys:
         return dataclasses.replace(cfg, format="votes")
@@ -390,6 +424,7 @@ def detect_format(rows: Sequence[Row], cfg: DataFormatConfig | None = None, sour
         f"{cfg.prompt_field}/{cfg.chosen_field}/{cfg.rejected_field} (explicit), "
         f"{cfg.chosen_field}/{cfg.rejected_field} transcripts (hh) or message lists (messages), "
         f"{cfg.prompt_field}/{cfg.response_a_field}/{cfg.response_b_field}/{cfg.vote_field} (votes), "
+        f"{cfg.prompt_field}/{cfg.responses_field}/{cfg.scores_field} (multi), "
         f"{cfg.prompt_field}/{cfg.response_field} or {cfg.messages_field} (sft), "
         f"or a preset {sorted(PRESETS)}; pass a DataFormatConfig with your field names.")
 
@@ -408,7 +443,7 @@ def normalize(
     format: str | DataFormatConfig | None = None,
     *,
     rejects: RejectLog | None = None,
-) -> tuple[list[PreferenceRecord] | list[SFTRecord], RejectLog, DataFormatConfig]:
+) -> tuple[list[PreferenceRecord] | list[SFTRecord] | list[MultiResponseRecord], RejectLog, DataFormatConfig]:
     """Turns raw rows into preference records, rejecting bad rows with a reason.
 
     Args:
@@ -427,6 +462,9 @@ def normalize(
         cfg = dataclasses.replace(detect_format(rows, cfg, rejects.source), drop_ties=cfg.drop_ties,
                                   control_chars=cfg.control_chars, alpha_field=cfg.alpha_field,
                                   allow_empty_responses=cfg.allow_empty_responses)
+    if cfg.format == "multi":  # the score key of response objects, when the configured one is not in the rows
+        key = multi_response.object_score_key([v for _, v in rows[:200] if isinstance(v, dict)], cfg)
+        cfg = dataclasses.replace(cfg, scores_field=key) if key else cfg
     read = _READERS[cfg.format]
     first_row: dict[str, int] = {}
     records: list[PreferenceRecord] = []
@@ -445,6 +483,8 @@ def normalize(
         first_row[rid] = row
         if cfg.format == "sft":
             records.append(SFTRecord(row, rid, prompt, chosen))
+        elif cfg.format == "multi":  # (prompt, responses, scores)
+            records.append(MultiResponseRecord(row, rid, prompt, chosen, rejected))
         else:
             records.append(PreferenceRecord(row, rid, prompt, chosen, rejected, alpha, tie))
     return records, rejects, cfg

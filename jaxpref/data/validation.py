@@ -48,6 +48,12 @@ REASONS: dict[str, str] = {
     "duplicate_id": "another kept row has the same id",
     "invalid_messages": "a message list is malformed (not a list of {role, content} objects)",
     "no_common_prompt": "the two transcripts share no prefix ending in an assistant tag",
+    # multi-response rows (multi_response.py)
+    "invalid_responses": "the response list is not a list of strings or objects, or its score list does not match",
+    "too_few_responses": "fewer than two responses: nothing to rank or pair",
+    "missing_score": "a response has no score or rating (absent, null or N/A)",
+    "invalid_score": "a score or rating is not a finite number",
+    "all_tied": "every response has the same score: no preference to learn",
     # tokenising (tokenize.py)
     "prompt_too_long": "the tokenised prompt is longer than the limit",
     "too_long": "prompt + response is longer than max_length (policy 'drop')",
@@ -127,6 +133,15 @@ class RejectLog:
     def counts(self) -> dict[str, int]:
         """Reason -> number of rows rejected for it (most frequent first)."""
         return dict(collections.Counter(r.reason for r in self._rejects).most_common())
+
+    def first(self) -> str:
+        """The first reject as ``"row R (id I) key K: reason: detail"``, or ``"no rejects"``."""
+        if not self._rejects:
+            return "no rejects"
+        r = min(self._rejects, key=lambda x: x.row)
+        ident = f" (id {r.id})" if r.id is not None else ""
+        key = f" key {r.field}" if r.field else ""
+        return f"row {r.row}{ident}{key}: {r.reason}" + (f": {r.detail}" if r.detail else "")
 
     def summary(self) -> str:
         """One line per reason, e.g. ``"rejected 4 of 2000 rows: identical 1, whitespace_only 3"``."""

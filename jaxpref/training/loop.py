@@ -36,6 +36,7 @@ from jaxpref.compile_cache import CompileWatch
 from jaxpref.config import ConfigError, RunConfig, save_config, to_dict
 from jaxpref.data import formats as data_formats
 from jaxpref.data import iterator as data_iterator
+from jaxpref.data import multi_response
 from jaxpref.data import packing as data_packing
 from jaxpref.data import split as data_split
 from jaxpref.data import tokenize as data_tokenize
@@ -127,6 +128,10 @@ def load_datasets(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str, *
     data = data_formats.load_preferences(d.train, fmt, split=d.split)
     records = data.records[: d.limit] if d.limit else data.records
     held, held_rejects, split = None, data.rejects, None
+    if not records:  # before the hold-out, whose own error would not name the bad rows
+        data.rejects.write(run_dir / "rejects.jsonl")
+        raise RunError(f"data.train {d.train}: no usable rows (first reject: {data.rejects.first()}; see "
+                       f"{run_dir / 'rejects.jsonl'})")
     if d.eval_split:
         seed = cfg.train.seed if d.split_seed is None else d.split_seed
         records, held, split = data_split.hold_out(records, fraction=d.eval_split, seed=seed, source=d.train,
@@ -135,25 +140,37 @@ def load_datasets(cfg: RunConfig, tokenizer, run_dir: pathlib.Path, kind: str, *
     elif d.eval:
         ev = data_formats.load_preferences(d.eval, fmt, split=d.split)
         held, held_rejects = ev.records, ev.rejects
+    # multi-response rows (format multi): pairs derived after the split, so it is drawn over prompts
+    records, tok_rejects, pairs = multi_response.training_pairs(records, d.multi_pairs, cfg.train.seed, data.rejects,
+                                                                d.train)
+    held, held_tok_rejects, held_pairs = (None, None, None) if held is None else multi_response.training_pairs(
+        held, d.multi_pairs, cfg.train.seed, held_rejects, d.eval or d.train)
     tok_cfg = tokenize_config(cfg)
-    tokenized = _tokenize(kind, records, tokenizer, tok_cfg, data.rejects)
-    held_tok = None if held is None else _tokenize(kind, held, tokenizer, tok_cfg, held_rejects)
+    tokenized = _tokenize(kind, records, tokenizer, tok_cfg, tok_rejects)
+    held_tok = None if held is None else _tokenize(kind, held, tokenizer, tok_cfg, held_tok_rejects)
     if jax.process_index() == 0:
         data.rejects.write(run_dir / "rejects.jsonl")
         if d.eval:
             held_rejects.write(run_dir / "eval_rejects.jsonl")
+        for derived, prefix in ((pairs, "pairs"), (held_pairs, "eval_pairs")):
+            if derived is not None:
+                derived.write(run_dir, prefix)
     summary = {"rows_kept": len(tokenized), "rows_rejected": len(data.rejects),
                "rejects_by_reason": data.rejects.counts() if hasattr(data.rejects, "counts") else {},
                "tokenize": dataclasses.asdict(tokenized.stats)}
+    if pairs is not None:
+        summary["pairs"] = pairs.summary()
     if held_tok is not None:
         summary["eval"] = {"source": d.eval or f"{d.train} (data.eval_split={d.eval_split})",
                            "rows_held_out": len(held), "rows_kept": len(held_tok),
                            **({"split_file": str(run_dir / data_split.SPLIT_FILE), "split_seed": split.seed}
-                              if split is not None else {})}
+                              if split is not None else {}),
+                           **({"pairs": held_pairs.summary()} if held_pairs is not None else {})}
     log.info("data %s: %s; %s", d.train, tokenized.stats.summary(), data.rejects.summary()
              if hasattr(data.rejects, "summary") else f"{len(data.rejects)} rows rejected")
     if len(tokenized) == 0:
-        raise RunError(f"data.train {d.train}: no usable rows (see {run_dir / 'rejects.jsonl'})")
+        first = (tok_rejects if len(tok_rejects) else data.rejects).first()  # names the row and key
+        raise RunError(f"data.train {d.train}: no usable rows (first reject: {first}; see {run_dir / 'rejects.jsonl'})")
     if held_tok is not None and len(held_tok) == 0:
         raise RunError(f"held-out data {summary['eval']['source']}: no usable rows (see "
                        f"{run_dir / ('eval_rejects.jsonl' if d.eval else 'rejects.jsonl')})")
