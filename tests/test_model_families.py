@@ -26,7 +26,7 @@ from jaxpref import logprobs
 from jaxpref.generation import SamplingConfig, generate
 from jaxpref.models import ModelConfig, UnsupportedConfigError, load_hf, params_from_hf, presets, save_hf
 from jaxpref.models.attention import blocked
-from jaxpref.models.hf_io import SafetensorsCheckpoint
+from jaxpref.models.hf_io import SafetensorsCheckpoint, hf_tensors
 from jaxpref.testing.models import fast_compile
 from jaxpref.testing.tolerances import logits_tol, relative_tol, transformer_chain_length
 
@@ -117,6 +117,8 @@ def test_logits_match_transformers_and_export_reloads(family, tmp_path, name, mo
     scanned = load_hf(src, scan_layers=True)
     assert scanned.layers.attn.query_dnh.shape[0] == model.config.num_layers
     _assert_parity(scanned, ids, mask, want)
+    a, b = hf_tensors(scanned), hf_tensors(model)  # what save_hf writes, from either layout
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
     out = save_hf(model, tmp_path / "export", source_dir=src)
     with safe_open(src / "model.safetensors", "np") as a, safe_open(out / "model.safetensors", "np") as b:
