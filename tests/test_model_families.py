@@ -4,9 +4,11 @@ Each tiny preset (``presets.tiny_<family>``) is built as a random transformers m
 (``jaxpref.testing.hf_factory``: norm weights perturbed away from their init, q/k norms
 included), saved, loaded into jaxpref and compared on a right-padded batch of T = 12 > the
 sliding window 4, with Gemma 2's soft-caps binding (|logits| reach 0.9 of the final cap). Then
-the same checkpoint with ``attention="blocked"``, the export that transformers reloads, and
-20-token greedy generation with the KV cache against ``generate``. ``test_features_bind`` shows
-that each family feature changes the logits at these sizes, so parity cannot pass without it.
+the same checkpoint with ``attention="blocked"`` and with ``scan_layers=True`` (Gemma 2/3: a
+scanned stack of one local and one global layer), the export that transformers reloads, and
+20-token greedy generation with the KV cache against ``generate``, unrolled and scanned.
+``test_features_bind`` shows that each family feature changes the logits at these sizes, so
+parity cannot pass without it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from jaxpref import logprobs
 from jaxpref.generation import SamplingConfig, generate
 from jaxpref.models import ModelConfig, UnsupportedConfigError, load_hf, params_from_hf, presets, save_hf
 from jaxpref.models.attention import blocked
-from jaxpref.models.hf_io import SafetensorsCheckpoint
+from jaxpref.models.hf_io import SafetensorsCheckpoint, hf_tensors
 from jaxpref.testing.models import fast_compile
-from jaxpref.testing.tolerances import logits_tol
+from jaxpref.testing.tolerances import logits_tol, relative_tol, transformer_chain_length
 
 FAMILIES = ("tiny_qwen3", "tiny_gemma2", "tiny_gemma3", "tiny_olmo2", "tiny_phi3")
 
@@ -78,6 +80,19 @@ def family(tmp_path_factory):
     return get
 
 
+def _assert_parity(model, ids, mask, want):
+    """Logits on the valid slots equal transformers' ``want``: two float32 programs of one network, so the
+    logits' rounding bound (tolerances.logits_tol; the final soft-cap is 1-Lipschitz, so the pre-cap bound
+    holds after it), and the issue's 1e-4."""
+    valid = mask.astype(bool)
+    hidden, got = map(np.asarray, forward(model, ids, mask))
+    matrix, layout = model.unembedding()
+    w = np.asarray(matrix, np.float64)
+    tol = logits_tol(model.config, ids.shape[1], hidden, w if layout == "dv" else w.T)
+    err = np.abs(got.astype(np.float64) - want)
+    assert np.all(err[valid] <= np.minimum(tol[valid], 1e-4))
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("name", FAMILIES)
 def test_logits_match_transformers_and_export_reloads(family, tmp_path, name, monkeypatch):
@@ -89,14 +104,7 @@ def test_logits_match_transformers_and_export_reloads(family, tmp_path, name, mo
     assert model.config == presets.get_preset(name)
     ids, mask = _padded_batch(model.config.vocab_size)
     valid = mask.astype(bool)
-    hidden, got = map(np.asarray, forward(model, ids, mask))
-    # two float32 programs of one network: the logits' rounding bound (tolerances.logits_tol; the
-    # final soft-cap is 1-Lipschitz, so the pre-cap bound holds after it), and the issue's 1e-4.
-    matrix, layout = model.unembedding()
-    w = np.asarray(matrix, np.float64)
-    tol = logits_tol(model.config, ids.shape[1], hidden, w if layout == "dv" else w.T)
-    err = np.abs(got.astype(np.float64) - want)
-    assert np.all(err[valid] <= np.minimum(tol[valid], 1e-4))
+    _assert_parity(model, ids, mask, want)
     assert np.abs(want[valid]).std() > 0.5
     cap = model.config.final_logit_softcap
     if cap is not None:
@@ -106,6 +114,11 @@ def test_logits_match_transformers_and_export_reloads(family, tmp_path, name, mo
     monkeypatch.setattr(blocked, "DEFAULT_BLOCK_KV", 8)
     got_blocked = np.asarray(forward_logits(load_hf(src, attention="blocked"), ids, mask))
     np.testing.assert_allclose(got_blocked[valid], want[valid], atol=1e-4, rtol=0)
+    scanned = load_hf(src, scan_layers=True)
+    assert scanned.layers.attn.query_dnh.shape[0] == model.config.num_layers
+    _assert_parity(scanned, ids, mask, want)
+    a, b = hf_tensors(scanned), hf_tensors(model)  # what save_hf writes, from either layout
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b)
 
     out = save_hf(model, tmp_path / "export", source_dir=src)
     with safe_open(src / "model.safetensors", "np") as a, safe_open(out / "model.safetensors", "np") as b:
@@ -145,22 +158,36 @@ def test_features_bind(family, name, changes):
 @pytest.mark.torch
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_generation_matches_transformers(family, name):
-    """20 greedy tokens from a left-padded batch, KV cache on both sides (window 4 < 26 tokens)."""
+    """20 greedy tokens from a left-padded batch, KV cache on both sides (window 4 < 26 tokens), unrolled and
+    scanned (the cache [L, B, S, KV, hd] carried through the scan). The tied Gemmas repeat a token at these
+    sizes, so each token's log-prob is also checked against transformers' raw logits: it depends on every
+    layer, the local ones included."""
     import torch
 
     hf_model, src, _ = family(name)
-    model = load_hf(src)
-    ids = np.random.default_rng(1).integers(3, model.config.vocab_size, (2, 6)).astype(np.int32)
+    ids = np.random.default_rng(1).integers(3, hf_model.config.vocab_size, (2, 6)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[1, :2] = 0  # left padding
     ids[1, :2] = 0
-    config = SamplingConfig(max_new_tokens=20, temperature=0.0)
-    ours = np.asarray(generate(model, ids, mask, key=jax.random.key(0), config=config).completion)
     with torch.no_grad():
-        theirs = hf_model.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                                   max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
-                                   pad_token_id=0).numpy()[:, ids.shape[1]:]
-    np.testing.assert_array_equal(ours, theirs)
+        out = hf_model.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                                max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                                pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    theirs = out.sequences.numpy()[:, ids.shape[1]:]
+    z = np.stack([s.numpy() for s in out.logits], axis=1).astype(np.float64)  # [B, N, V] raw logits
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    z_y = np.take_along_axis(z, theirs[..., None], -1)[..., 0]
+    # two float32 programs of one network (tolerances.token_logp_tol), with the cancelling terms |z_y| + |lse|
+    # taken from the logits themselves (the capped / confident logits are not small next to ln V)
+    cfg = presets.get_preset(name)
+    tol = relative_tol(transformer_chain_length(cfg, 26)) * (np.abs(z_y) + np.abs(lse) + 1.0)
+    config = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    for scan_layers in (False, True):
+        model = load_hf(src, scan_layers=scan_layers)
+        ours = generate(model, ids, mask, key=jax.random.key(0), config=config)
+        np.testing.assert_array_equal(np.asarray(ours.completion), theirs, err_msg=f"scan_layers={scan_layers}")
+        err = np.abs(np.asarray(ours.logprobs, np.float64) - (z_y - lse))
+        assert np.all(err <= tol), f"scan_layers={scan_layers}: log-prob excess {(err - tol).max():.3g}"
 
 
 # ------------------------------------------------------------------------------ no torch

@@ -31,7 +31,7 @@ from jaxpref.training import checkpoint as ckpt
 
 # Compile time dominates (~1.5 s of CPU per tiny forward + backward at the suite's -O0), so the models of
 # each kind of check share one jitted program: a module fixture evaluates them all at once.
-GRAD_FAMILIES = ("tiny_llama", "tiny_gpt2")  # log-probs and gradients (+ tiny_llama with remat)
+GRAD_FAMILIES = ("tiny_llama", "tiny_gpt2", "tiny_gemma3")  # log-probs and gradients (+ tiny_llama with remat)
 FORWARD_FAMILIES = ("tiny_gemma", "tiny_gpt_neox", "tiny_mistral", "tiny_qwen2")  # log-probs
 T = 12
 
@@ -167,8 +167,9 @@ def test_stacked_parameters_are_the_unrolled_layers():
 
 @pytest.mark.parametrize("name", GRAD_FAMILIES)
 def test_scanned_equals_unrolled_logps_and_gradients(grad_results, name):
-    """tiny_llama: RoPE + GQA; tiny_gpt2: learned positions (outside the scan), biases, layer norms; one row
-    with two packed sequences and padding."""
+    """tiny_llama: RoPE + GQA; tiny_gpt2: learned positions (outside the scan), biases, layer norms;
+    tiny_gemma3: a mixed stack (local layer 0: window 4 < T, RoPE base 1e4; global layer 1: base 1e6, linear
+    x8) whose kind is scanned with the parameters, q/k norms; one row with two packed sequences and padding."""
     models, results = grad_results
     _assert_same_logps_and_grads(models[name, "unrolled"].config, results[name, "scanned"],
                                  results[name, "unrolled"])
@@ -215,10 +216,28 @@ def test_remat_inside_scan_same_gradients_fewer_residuals(grad_results):
     assert residuals(remat) < residuals(scanned), (residuals(remat), residuals(scanned))
 
 
-def test_generation_equals_unrolled():
-    """KV cache [L, B, S, KV, hd] decoding under the scan (Mistral: a 4-token window, shorter than prompt +
-    completion): the unrolled model's greedy tokens, log-probs within the derived bound."""
-    unrolled, scanned = _pair_models("tiny_mistral", std=0.5)
+def test_mixed_stack_keeps_one_branch_of_residuals():
+    """A scanned Gemma 3 stack (local + global layer, ``lax.cond`` per layer) saves about what an all-global
+    stack of the same shapes saves for the backward: the branches share residual slots, not one set each."""
+    ids, _ = _row(128)
+
+    def residuals(**over):
+        _, scanned = _pair_models("tiny_gemma3", **over)
+        graphdef, params, rest = nnx.split(scanned, nnx.Param, ...)
+        return _saved_residual_bytes(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(ids).hidden ** 2), params)
+
+    mixed, uniform = residuals(), residuals(layer_types=("full_attention",) * 2)
+    assert uniform < mixed < 1.1 * uniform, (mixed, uniform)  # 394 vs 380 KB when written
+
+
+@pytest.mark.parametrize("name, over", [("tiny_mistral", {}), ("tiny_gemma3", {"tie_word_embeddings": False})],
+                         ids=["tiny_mistral", "tiny_gemma3"])
+def test_generation_equals_unrolled(name, over):
+    """KV cache [L, B, S, KV, hd] decoding under the scan (a 4-token window, shorter than prompt + completion:
+    on every layer for Mistral, on the local layer of Gemma 3, whose global layer uses the other RoPE table;
+    untied, so random weights do not just repeat the last token): the unrolled model's greedy tokens,
+    log-probs within the derived bound."""
+    unrolled, scanned = _pair_models(name, std=0.5, **over)
     prompts = [[5, 17, 33, 9, 41], [7, 3], [11, 12, 13]]
     ids, mask = left_pad(prompts, pad_id=0, length=7)
     cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)

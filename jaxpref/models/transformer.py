@@ -35,7 +35,7 @@ from jaxpref.models import layers
 from jaxpref.models.attention import MaskSpec, check_backend
 from jaxpref.models.attention.mask import soft_cap
 from jaxpref.models.base import KVCache, ModelOutput
-from jaxpref.models.config import REMAT_POLICIES, Family, ModelConfig, UnsupportedConfigError, rope_inv_freq
+from jaxpref.models.config import REMAT_POLICIES, Family, ModelConfig, rope_inv_freq
 from jaxpref.models.hf_keys import KeyTable
 from jaxpref.models.layer_stack import stack_modules
 from jaxpref.parallel import logical_param
@@ -46,15 +46,16 @@ class Block(nnx.Module):
 
     ``FamilyTraits.norm_layout`` places the norms: "pre" as above; "sandwich" (Gemma 2/3) also
     normalises each branch's output, ``x + post_norm(f(norm x))``; "post" (OLMo 2) only that,
-    ``x + post_norm(f(x))``. Per-layer static settings (``layer`` index): the sliding window
-    of a local layer (:meth:`ModelConfig.layer_window`) and, when the model passes one RoPE
-    table per layer kind (``{"global": ..., "local": ...}``, Gemma 3), which one it uses.
+    ``x + post_norm(f(x))``. Per-layer setting: whether the layer is local
+    (:meth:`ModelConfig.layer_is_local`): a local layer attends within ``sliding_window`` and,
+    when the model passes one RoPE table per layer kind (``{"global": ..., "local": ...}``,
+    Gemma 3), uses the local one. A scanned stack of mixed layers passes the kind as a traced
+    flag instead (``local=`` of :meth:`__call__`).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer: int = 0):
         self.parallel_residual, layout = cfg.parallel_residual, cfg.traits.norm_layout
-        self.local, self.sliding_window, self.softcap = cfg.layer_is_local(layer), cfg.layer_window(layer), \
-            cfg.attn_logit_softcap
+        self.local, self.window, self.softcap = cfg.layer_is_local(layer), cfg.sliding_window, cfg.attn_logit_softcap
         if layout != "post":
             self.attn_norm = layers.make_norm(cfg)
             self.mlp_norm = layers.make_norm(cfg)
@@ -69,14 +70,30 @@ class Block(nnx.Module):
         out = f(x)
         return (getattr(self, post)(out[0]), *out[1:]) if hasattr(self, post) else out
 
-    def __call__(self, x_btd, *, mask, rope, cache=None, layer=0, index=0):
-        """[B, T, D] -> ([B, T, D], updated cache buffers); see :meth:`layers.Attention.__call__`."""
-        mask = mask.replace(sliding_window=self.sliding_window, softcap=self.softcap)
+    def _attend(self, local: bool, attn: layers.Attention, x, cache, *, mask, rope, layer, index):
+        """The attention branch of a local or global layer (``local`` static)."""
+        mask = mask.replace(sliding_window=self.window if local else None, softcap=self.softcap)
         if isinstance(rope, dict):
-            rope = rope["local" if self.local else "global"]
+            rope = rope["local" if local else "global"]
+        return attn(x, mask=mask, rope=rope, cache=cache, layer=layer, index=index)
+
+    def __call__(self, x_btd, *, mask, rope, cache=None, layer=0, index=0, local=None):
+        """[B, T, D] -> ([B, T, D], updated cache buffers); see :meth:`layers.Attention.__call__`.
+
+        ``local``: None = this block's own kind; a traced bool scalar (scanned mixed stacks) runs
+        the local or the global attention under ``lax.cond``: both compile once, the norms and the
+        MLP stay outside the branches, and the backward keeps about one branch's residuals (JAX
+        shares residual slots of equal shape between branches; ``tests/test_scan_layers.py``).
+        """
+        kw = dict(mask=mask, rope=rope, layer=layer, index=index)
+        local = self.local if local is None else local
 
         def attn(x):
-            return self.attn(x, mask=mask, rope=rope, cache=cache, layer=layer, index=index)
+            if not isinstance(local, jax.Array):
+                return self._attend(bool(local), self.attn, x, cache, **kw)
+            graphdef, state = nnx.split(self.attn)
+            branch = lambda kind: lambda s, x, c: self._attend(kind, nnx.merge(graphdef, s), x, c, **kw)  # noqa: E731
+            return jax.lax.cond(local, branch(True), branch(False), state, x, cache)
 
         h, cache = self._branch(attn, "attn_norm", "attn_post_norm", x_btd)
         mlp = lambda x: (self.mlp(x),)  # noqa: E731
@@ -91,7 +108,8 @@ def _remat(fn, policy: str):
     return nnx.remat(fn, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[policy]))
 
 
-def scan_blocks(blocks: Block, x_btd, *, mask, rope, kv=None, index=0, remat: bool = False, remat_policy="full"):
+def scan_blocks(blocks: Block, x_btd, *, mask, rope, kv=None, index=0, remat: bool = False, remat_policy="full",
+                local=None):
     """Runs stacked layers (:func:`~jaxpref.models.layer_stack.stack_modules`) with ``lax.scan``.
 
     One traced layer whatever the depth, so compile time stays flat in L (``bench/compile_time.py``).
@@ -105,6 +123,9 @@ def scan_blocks(blocks: Block, x_btd, *, mask, rope, kv=None, index=0, remat: bo
       kv: (k, v) cache buffers [L, B, S, KV, hd] or None. They travel in the scan's carry and layer
         ``i`` writes its slot range of slice ``i`` in place, as the unrolled loop does (no per-layer
         copy of the cache).
+      local: None when every layer is of one kind (the stacked block's own), else [L] bool, the kind of
+        each layer (Gemma 2/3: sliding-window and global layers), scanned with the parameters: each
+        step picks its layer's window and RoPE table (:meth:`Block.__call__`).
 
     Returns:
       ([B, T, D] output of the last layer, updated (k, v) buffers or None).
@@ -114,14 +135,16 @@ def scan_blocks(blocks: Block, x_btd, *, mask, rope, kv=None, index=0, remat: bo
 
     def body(carry, xs):
         x, cache = carry
-        layer_state, layer = xs
-        x, cache = nnx.merge(graphdef, layer_state)(x, mask=mask, rope=rope, cache=cache, layer=layer, index=index)
+        layer_state, layer, kind = xs
+        x, cache = nnx.merge(graphdef, layer_state)(x, mask=mask, rope=rope, cache=cache, layer=layer, index=index,
+                                                    local=kind)
         return (x, cache), None
 
     if remat:  # prevent_cse=False: inside a scan, XLA cannot merge the recomputation away anyway
         body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat_policy]),
                               prevent_cse=False)
-    (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), (state, jnp.arange(num_layers, dtype=jnp.int32)))
+    xs = (state, jnp.arange(num_layers, dtype=jnp.int32), None if local is None else jnp.asarray(local, bool))
+    (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), xs)
     return x_btd, kv
 
 
@@ -155,11 +178,6 @@ class CausalLM(nnx.Module):
         if config.learned_positions:
             shape = (config.max_position_embeddings, config.hidden_size)
             self.position_pd = logical_param(layers.init_normal(config, rngs, shape), (None, "embed"))
-        kinds = {(config.layer_is_local(i), config.layer_window(i)) for i in range(config.num_layers)}
-        if config.scan_layers and len(kinds) > 1:
-            raise UnsupportedConfigError(f"model.scan_layers=true: the layers of {config.family.value} differ (local / "
-                                         "global attention, windows), so they cannot run as one scanned stack; "
-                                         "set model.scan_layers=false")
         blocks = [Block(config, rngs=rngs, layer=i) for i in range(config.num_layers)]
         # stacked from the same draws: a scanned model equals the unrolled one built from the same seed
         self.layers = stack_modules(blocks) if config.scan_layers else nnx.List(blocks)
@@ -233,8 +251,9 @@ class CausalLM(nnx.Module):
             mask = MaskSpec(segment_ids, positions, kv_segments, kv_positions, sliding_window=cfg.sliding_window)
 
         if cfg.scan_layers:
+            local = [cfg.layer_is_local(i) for i in range(cfg.num_layers)]
             x, kv = scan_blocks(self.layers, x, mask=mask, rope=rope, kv=kv, index=index, remat=cfg.remat,
-                                remat_policy=cfg.remat_policy)
+                                remat_policy=cfg.remat_policy, local=local if len(set(local)) > 1 else None)
         else:
             for i, block in enumerate(self.layers):
                 def run(block, x, mask, rope, kv, index, layer=i):
