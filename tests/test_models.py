@@ -226,3 +226,12 @@ def test_logical_axes_on_parameters(models):
     assert attn.query_dnh.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
     assert attn.out_nhd.get_metadata()["out_sharding"] == ("heads", "head_dim", "embed")
     assert models["tiny_llama"].lm_head_dv.get_metadata()["out_sharding"] == ("embed", "vocab")
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_gemma"])
+def test_equal_models_share_one_graphdef(name):
+    """Two separately built models of one config are one jit key (no recompile per model object); GELU
+    families used to hold a fresh lambda each."""
+    config = getattr(presets, name)()
+    first, second = (nnx.split(random_model(config, seed))[0] for seed in (0, 1))
+    assert first == second and hash(first) == hash(second)

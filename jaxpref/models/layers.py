@@ -37,15 +37,24 @@ def init_const(cfg: ModelConfig, shape: tuple[int, ...], value: float) -> jax.Ar
     return jnp.full(shape, value, cfg.jnp_param_dtype)
 
 
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+# Module-level functions, so that two equal models hold the same object (graphdefs compare equal, and jitted
+# functions keyed on them do not recompile for every new model object).
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu": _gelu_exact, "gelu_tanh": _gelu_tanh}
+
+
 def activation(name: str):
     """The activation function for a canonical name (see ``ModelConfig.act``)."""
-    if name == "silu":
-        return jax.nn.silu
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name == "gelu_tanh":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    raise ValueError(f"unknown activation {name!r}")
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}")
+    return _ACTIVATIONS[name]
 
 
 # ----------------------------------------------------------------------------------- norms
