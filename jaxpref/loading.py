@@ -208,6 +208,8 @@ def load_run_model(rest: str, mesh=None, **runtime) -> LoadedModel:
     if not meta_path.is_file():
         raise SpecError(f"run {run_dir}: no model.json (is this a jaxpref run directory?)")
     meta = json.loads(meta_path.read_text())
+    if "lora" in meta:
+        return _load_lora_run(meta, run_dir, step, mesh, runtime)
     config = models.ModelConfig.from_hf_config(meta["hf_config"])
     fixed = {k: v for k, v in runtime.items() if k not in RUNTIME_FIELDS}
     clash = {k: (v, getattr(config, k, None)) for k, v in fixed.items() if getattr(config, k, None) != v}
@@ -229,6 +231,28 @@ def load_run_model(rest: str, mesh=None, **runtime) -> LoadedModel:
         params = parallel.place_params(params, mesh)
     params, step = restore_params(run_dir / "checkpoints", params, step)
     return LoadedModel(nnx.merge(gd, params, other), f"run:{run_dir}@{step}", meta.get("tokenizer"))
+
+
+def _load_lora_run(meta: dict, run_dir: pathlib.Path, step: int | None, mesh, runtime: dict) -> LoadedModel:
+    """A LoRA run's policy: the recorded base (:func:`jaxpref.training.adapters.rebuild`) plus the checkpoint's
+    adapters (a LoRA checkpoint holds only those)."""
+    from jaxpref.training.adapters import rebuild
+    from jaxpref.training.checkpoint import restore_params
+
+    bad = sorted(k for k in runtime if k not in RUNTIME_FIELDS)
+    if bad:
+        raise SpecError(f"model spec run:{run_dir}: the architecture of a run is fixed by its model.json; only "
+                        f"{list(RUNTIME_FIELDS)} may differ, got {bad}")
+    model = rebuild(meta["lora"], mesh=mesh, runtime=runtime).model
+    gd, adapters, other = nnx.split(model, nnx.LoRAParam, ...)
+    if mesh is None:
+        target = single_device_target(adapters)
+    else:
+        from jaxpref import parallel
+
+        target = parallel.place_params(adapters, mesh)
+    adapters, step = restore_params(run_dir / "checkpoints", target, step)
+    return LoadedModel(nnx.merge(gd, adapters, other), f"run:{run_dir}@{step}", meta.get("tokenizer"))
 
 
 def single_device_target(params):

@@ -49,8 +49,8 @@ from jaxpref.loading import (
     load_tokenizer,
     model_meta,
 )
+from jaxpref.training import adapters, eval_during, optim, reference, reference_samples
 from jaxpref.training import checkpoint as ckpt
-from jaxpref.training import eval_during, optim, reference, reference_samples
 from jaxpref.training import step as steplib
 from jaxpref.training.logging import AsyncMetrics, MetricsWriter, progress_bar
 from jaxpref.training.prefetch import Prefetcher
@@ -240,6 +240,10 @@ def setup_run(cfg: RunConfig, mesh, *, resume: bool, extra_meta: dict[str, Any] 
                         seed=cfg.train.seed, mesh=mesh,
                         dtype=m.compute_dtype, param_dtype=m.param_dtype)
     loaded.tokenizer_spec = m.tokenizer or loaded.tokenizer_spec
+    if m.adapter is not None:  # a PEFT adapter on top of the base
+        from jaxpref.models import lora_peft
+
+        lora_peft.load_adapter(loaded.model, m.adapter, base_spec=m.source)
     if tokenizer is None:
         tokenizer = load_tokenizer(loaded.tokenizer_spec)
     check_vocab(loaded.model, tokenizer, loaded.tokenizer_spec)
@@ -290,17 +294,24 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         check_reference(cfg, comp)
         sample_terms = _check_reference_samples(cfg, comp)
     _check_packing(cfg, kind, sample_terms)
+    adapters.check_supported(cfg, kind, sample_terms, RunError)
     setup = setup_run(cfg, mesh, resume=resume)
     run_dir, tokenizer, model_json = setup.run_dir, setup.tokenizer, setup.model_json
 
     datasets = load_datasets(cfg, tokenizer, run_dir, kind, resume=resume)
     data, data_summary = datasets.train, datasets.summary
     steps = total_steps(cfg, len(data))
-    graphdef, params, rest = steplib.split_model(setup.loaded.model)
+    lora_parts = None if cfg.lora is None else adapters.attach_for_run(cfg, setup, mesh)
+    if lora_parts is None:
+        graphdef, params, rest = steplib.split_model(setup.loaded.model)
+    else:  # only the adapters train (and are checkpointed); the frozen base is the step's ref_params
+        graphdef, params, rest = lora_parts["graphdef"], lora_parts["adapters"], lora_parts["rest"]
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
     state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
     ref_params, ref_cache = None, None
-    if kind == "preference" and cfg.reference.strategy != "none":
+    if lora_parts is not None:
+        ref_params = lora_parts["base"]
+    elif kind == "preference" and cfg.reference.strategy != "none":
         ref_params = _reference_params(cfg, state.params, mesh)
     samples = None
     if sample_terms:  # drawn from the initial reference, before any checkpoint is restored
@@ -321,10 +332,12 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         _check_syncable(cfg, ref_params, state.params)
         ref_params = _restore_synced_reference(cfg, checkpointer, ref_params, start)
     if kind == "preference" and cfg.reference.strategy == "precomputed":
-        ref_cache = _precompute(cfg, graphdef, rest, ref_params, data, mesh)
-        ref_params = None
+        ref_graphdef = graphdef if lora_parts is None else lora_parts["base_graphdef"]  # LoRA: adapters off
+        ref_cache = _precompute(cfg, ref_graphdef, rest, ref_params, data, mesh)
+        ref_params = None if lora_parts is None else ref_params
 
-    fn = make_train_step(cfg, kind, graphdef, rest, optimizer, comp)
+    fn = make_train_step(cfg, kind, graphdef, rest, optimizer, comp,
+                         base_graphdef=None if lora_parts is None else lora_parts["base_graphdef"])
     state_sh = parallel.tree_shardings(state)
     ref_sh = None if ref_params is None else parallel.tree_shardings(ref_params)
 
@@ -371,16 +384,17 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     return summary
 
 
-def make_train_step(cfg: RunConfig, kind: str, graphdef, rest, optimizer, comp=None) -> Callable:
+def make_train_step(cfg: RunConfig, kind: str, graphdef, rest, optimizer, comp=None, base_graphdef=None) -> Callable:
     """The step function a ``kind`` run trains with (``preference``: :func:`~jaxpref.training.step.make_preference_step`
     with the loss composition ``comp``; ``sft``: :func:`~jaxpref.training.step.make_sft_step`; ``reward``:
     :func:`jaxpref.reward_model.make_reward_step`), built from the config's train settings. The trainers
-    and the memory planner (:mod:`jaxpref.training.plan`) both build their step here."""
+    and the memory planner (:mod:`jaxpref.training.plan`) both build their step here. ``base_graphdef``: a LoRA
+    run's graph without adapters (:func:`~jaxpref.training.step.make_preference_step`)."""
     chunks = {"seq_chunk": cfg.train.seq_chunk, "vocab_chunk": cfg.train.vocab_chunk}
     common = {"micro_batches": cfg.train.micro_batches, "nan_policy": cfg.train.nan_policy}
     if kind == "preference":
         return steplib.make_preference_step(graphdef, rest, optimizer, comp, reference=cfg.reference.strategy,
-                                            **common, **chunks)
+                                            base_graphdef=base_graphdef, **common, **chunks)
     if kind == "sft":
         return steplib.make_sft_step(graphdef, rest, optimizer, **common, **chunks)
     if kind == "reward":
