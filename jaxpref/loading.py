@@ -129,8 +129,19 @@ def _split(spec: str) -> tuple[str, str]:
 
 
 def load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh=None, dtype: str | None = None,
-               param_dtype: str | None = None) -> LoadedModel:
-    """Builds or loads the model named by ``spec`` (module docstring)."""
+               param_dtype: str | None = None, adapter: str | None = None) -> LoadedModel:
+    """Builds or loads the model named by ``spec`` (module docstring); ``adapter``: a PEFT LoRA directory
+    attached on top (:func:`jaxpref.models.lora_peft.load_adapter`)."""
+    loaded = _load_model(spec, overrides=overrides, seed=seed, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+    if adapter is not None:
+        from jaxpref.models import lora_peft
+
+        lora_peft.load_adapter(loaded.model, adapter, base_spec=spec)
+    return loaded
+
+
+def _load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh=None, dtype: str | None = None,
+                param_dtype: str | None = None) -> LoadedModel:
     kind, rest = _split(spec)
     cfg_over = dict(overrides or {})
     if dtype:
@@ -384,7 +395,8 @@ def export_tokenizer(spec: str | None, out: str | pathlib.Path) -> str:
     return "saved"
 
 
-def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str | None = None) -> dict[str, Any]:
+def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str | None = None,
+              adapter: bool = False) -> dict[str, Any]:
     """Exports a run's policy (``RUN_DIR[@STEP]``) as a Hugging Face directory with its tokenizer.
 
     Args:
@@ -393,14 +405,33 @@ def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str | 
       out: output directory (created); ``transformers.AutoModelForCausalLM.from_pretrained``
         loads it.
       dtype: export dtype (default: the run's ``param_dtype``).
+      adapter: a LoRA run's adapters alone as a PEFT directory (:func:`jaxpref.models.lora_peft.save_adapter`)
+        instead of full weights; a LoRA run's full export has its adapters merged (``W + alpha / r * B A``).
 
     Returns:
       ``{"model": spec with the step, "out": path, "tokenizer": how it was exported}``.
     """
+    from jaxpref.models import lora
+
     rest = str(run).removeprefix("run:")
     loaded = load_run_model(rest)
-    out = models.save_hf(loaded.model, out, dtype=dtype)
-    how = export_tokenizer(loaded.tokenizer_spec, out)
+    record = json.loads((parse_run_spec(rest)[0] / "model.json").read_text()).get("lora")
+    if adapter:
+        from jaxpref.models import lora_peft
+
+        if record is None:
+            raise SpecError(f"--adapter: run {rest} was trained without a lora section: it has no adapters "
+                            "(export full weights without --adapter)")
+        base = record["base"]["source"]
+        out = lora_peft.save_adapter(loaded.model, out, base_name=base.removeprefix("hf:"))
+        info = {"model": loaded.spec, "out": str(out), "adapter": True, "base": base}
+    else:
+        model = lora.merged(loaded.model) if record is not None else loaded.model
+        out = models.save_hf(model, out, dtype=dtype)
+        info = {"model": loaded.spec, "out": str(out), "merged": record is not None}
+    info["tokenizer"] = export_tokenizer(loaded.tokenizer_spec, out)
     (out / "jaxpref_export.json").write_text(json.dumps({"source": loaded.spec, "tokenizer": loaded.tokenizer_spec,
-                                                         "dtype": dtype}, indent=2))
-    return {"model": loaded.spec, "out": str(out), "tokenizer": how}
+                                                         "dtype": dtype, **{k: info[k] for k in ("merged", "adapter",
+                                                                                                 "base") if k in info}},
+                                                        indent=2))
+    return info

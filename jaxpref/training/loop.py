@@ -238,12 +238,8 @@ def setup_run(cfg: RunConfig, mesh, *, resume: bool, extra_meta: dict[str, Any] 
     # (_reference_params) is loaded in this one
     loaded = load_model(m.source, overrides={**m.model_overrides(), "scan_layers": m.scan_layers},
                         seed=cfg.train.seed, mesh=mesh,
-                        dtype=m.compute_dtype, param_dtype=m.param_dtype)
+                        dtype=m.compute_dtype, param_dtype=m.param_dtype, adapter=m.adapter)
     loaded.tokenizer_spec = m.tokenizer or loaded.tokenizer_spec
-    if m.adapter is not None:  # a PEFT adapter on top of the base
-        from jaxpref.models import lora_peft
-
-        lora_peft.load_adapter(loaded.model, m.adapter, base_spec=m.source)
     if tokenizer is None:
         tokenizer = load_tokenizer(loaded.tokenizer_spec)
     check_vocab(loaded.model, tokenizer, loaded.tokenizer_spec)
