@@ -1,0 +1,86 @@
+"""A tiny ``train.preference`` LoRA run with stacked layers (``model.scan_layers``): the checkpoint holds only the
+adapters and their optimizer moments and records the base it needs; ``run:`` rebuilds the base and restores the
+adapters, and with the adapters off it is the base bitwise; resuming from an earlier checkpoint ends bitwise
+equal to the uninterrupted run (the kill/resume path of ``tests/test_reliability.py``, in process)."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from jaxpref import loading
+from jaxpref.config import RunConfig, load_config
+from jaxpref.models import build_model, lora, presets
+from jaxpref.training import adapters as run_adapters
+from jaxpref.training.loop import run_training
+
+LN2 = float(np.float32(np.log(2)))
+COMMON = ["model.source=preset:tiny_llama", "model.tokenizer=builtin", "model.overrides={vocab_size: 512}",
+          "data.limit=8", "data.max_length=32", "data.buckets=[32]", "train.batch_size=8",
+          "logging.progress=false", "logging.tensorboard=false", "train.seq_chunk=32", "train.vocab_chunk=256",
+          "optim.lr=1e-2", "lora={rank: 4, alpha: 8}", "train.steps=3", "checkpoint.every=1", "checkpoint.keep=3",
+          "checkpoint.async_save=false", "model.scan_layers=true"]
+
+
+@pytest.fixture(scope="module")
+def hh(shared_data):
+    return shared_data / "hh_rlhf_helpful_base_test_2k.jsonl"
+
+
+def cfg_for(run_dir, hh, *extra):
+    return load_config(RunConfig, None, [f"run_dir={run_dir}", f"data.train={hh}", *COMMON, *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, hh):
+    tmp = tmp_path_factory.mktemp("lora")
+    run_training(cfg_for(tmp / "run", hh))
+    return tmp
+
+
+def test_run_checkpoints_adapters_only_and_records_the_base(run):
+    m = metrics(run / "run")
+    assert m[0]["loss"] == LN2 and m[-1]["loss"] < m[0]["loss"]
+    record = json.loads((run / "run" / "model.json").read_text())["lora"]
+    assert record["base"]["source"] == "preset:tiny_llama" and record["base"]["overrides"]["vocab_size"] == 512
+    assert set(record["adapters"]) == {f"layers.{m}" for m in ("attn.query_dnh", "attn.key_dkh", "attn.value_dkh",
+                                                               "attn.out_nhd", "mlp.gate_df", "mlp.up_df",
+                                                               "mlp.down_fd")}
+    step_dir = run / "run" / "checkpoints" / "3"
+    for item in ("params", "train"):
+        tree = ocp.StandardCheckpointHandler().metadata(step_dir / item).tree
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            keys = [str(getattr(k, "key", k)) for k in path]
+            if item == "params" or keys[0] == "opt_state" and len(getattr(leaf, "shape", ())) > 0:
+                # every saved parameter is an adapter, every optimizer array an adapter's Adam moment
+                assert any(k.endswith(("_lora_a", "_lora_b")) for k in keys), (item, keys)
+    # the run: spec rebuilds the base and restores the adapters; adapters off = the base itself
+    policy = loading.load_model(f"run:{run / 'run'}").model
+    assert lora.has_adapters(policy)
+    base = build_model(presets.tiny_llama(vocab_size=512, scan_layers=True))
+    off = nnx.merge(run_adapters._graph_without_adapters(policy), *nnx.split(policy, nnx.LoRAParam, nnx.Param, ...)[2:])
+    for a, b in zip(jax.tree.leaves(nnx.state(off, nnx.Param)), jax.tree.leaves(nnx.state(base, nnx.Param)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_from_an_earlier_checkpoint_is_bitwise(run, hh):
+    resumed = run / "resumed"
+    shutil.copytree(run / "run", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "3")
+    summary = run_training(cfg_for(resumed, hh), resume=True)
+    assert summary["resumed_from"] == 2
+    got = nnx.state(loading.load_model(f"run:{resumed}").model, nnx.LoRAParam)
+    want = nnx.state(loading.load_model(f"run:{run / 'run'}").model, nnx.LoRAParam)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
