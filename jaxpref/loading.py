@@ -414,14 +414,15 @@ def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str | 
     from jaxpref.models import lora
 
     rest = str(run).removeprefix("run:")
+    meta_path = parse_run_spec(rest)[0] / "model.json"
+    record = json.loads(meta_path.read_text()).get("lora") if meta_path.is_file() else None
+    if adapter and record is None and meta_path.is_file():
+        raise SpecError(f"--adapter: run {rest} was trained without a lora section: it has no adapters "
+                        "(export full weights without --adapter)")
     loaded = load_run_model(rest)
-    record = json.loads((parse_run_spec(rest)[0] / "model.json").read_text()).get("lora")
     if adapter:
         from jaxpref.models import lora_peft
 
-        if record is None:
-            raise SpecError(f"--adapter: run {rest} was trained without a lora section: it has no adapters "
-                            "(export full weights without --adapter)")
         base = record["base"]["source"]
         out = lora_peft.save_adapter(loaded.model, out, base_name=base.removeprefix("hf:"))
         info = {"model": loaded.spec, "out": str(out), "adapter": True, "base": base}
