@@ -1,9 +1,12 @@
 """A tiny ``train.preference`` LoRA run with stacked layers (``model.scan_layers``): the checkpoint holds only the
 adapters and their optimizer moments and records the base it needs; ``run:`` rebuilds the base and restores the
 adapters, and with the adapters off it is the base bitwise; resuming from an earlier checkpoint ends bitwise
-equal to the uninterrupted run (the kill/resume path of ``tests/test_reliability.py``, in process)."""
+equal to the uninterrupted run (the kill/resume path of ``tests/test_reliability.py``, in process). The run is the
+README's LoRA command (``### LoRA and QLoRA``) with size limits appended."""
 
 import json
+import pathlib
+import shlex
 import shutil
 
 import jax
@@ -22,8 +25,17 @@ LN2 = float(np.float32(np.log(2)))
 COMMON = ["model.source=preset:tiny_llama", "model.tokenizer=builtin", "model.overrides={vocab_size: 512}",
           "data.limit=8", "data.max_length=32", "data.buckets=[32]", "train.batch_size=8",
           "logging.progress=false", "logging.tensorboard=false", "train.seq_chunk=32", "train.vocab_chunk=256",
-          "optim.lr=1e-2", "lora={rank: 4, alpha: 8}", "train.steps=3", "checkpoint.every=1", "checkpoint.keep=3",
-          "checkpoint.async_save=false", "model.scan_layers=true"]
+          "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", "data.eval_split=0", "train.steps=3",
+          "checkpoint.every=1", "checkpoint.keep=3", "checkpoint.async_save=false", "model.scan_layers=true"]
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_lora_commands() -> list[list[str]]:
+    """argv of each line of the ```bash block of the README's LoRA section."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### LoRA and QLoRA"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    return [argv for raw in block[:block.index("```")].splitlines() if (argv := shlex.split(raw, comments=True))]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +44,18 @@ def hh(shared_data):
 
 
 def cfg_for(run_dir, hh, *extra):
-    return load_config(RunConfig, None, [f"run_dir={run_dir}", f"data.train={hh}", *COMMON, *extra])
+    """The README's LoRA training command, shrunk (its ``--config`` and overrides first, then :data:`COMMON`)."""
+    train = readme_lora_commands()[0]
+    assert train[:4] == ["python", "-m", "train.preference", "--config"] and "'" not in " ".join(train)
+    return load_config(RunConfig, REPO / train[4], [*train[5:], f"run_dir={run_dir}", f"data.train={hh}", *COMMON,
+                                                    *extra])
+
+
+def test_readme_commands_are_the_tested_ones():
+    train, merge, adapter = readme_lora_commands()
+    assert [c[:3] for c in (merge, adapter)] == [["python", "-m", "train.export_hf"]] * 2
+    assert merge[-1] == "--merge" and adapter[-1] == "--adapter"  # as tests/test_lora_export.py runs them
+    assert any(a.startswith("lora=") for a in train)
 
 
 def metrics(run_dir):
@@ -54,6 +77,7 @@ def test_run_checkpoints_adapters_only_and_records_the_base(run):
     assert set(record["adapters"]) == {f"layers.{m}" for m in ("attn.query_dnh", "attn.key_dkh", "attn.value_dkh",
                                                                "attn.out_nhd", "mlp.gate_df", "mlp.up_df",
                                                                "mlp.down_fd")}
+    assert {(a["rank"], a["scale"]) for a in record["adapters"].values()} == {(16, 2.0)}  # README: rank 16, alpha 32
     step_dir = run / "run" / "checkpoints" / "3"
     for item in ("params", "train"):
         tree = ocp.StandardCheckpointHandler().metadata(step_dir / item).tree

@@ -47,6 +47,9 @@ def check_supported(cfg: RunConfig, kind: str, sample_terms: tuple[str, ...], ru
 def base_record(cfg: RunConfig, loaded) -> dict[str, Any]:
     """How to rebuild the frozen base (``model.json``'s ``lora.base``): spec, seed, overrides and dtypes."""
     spec = f"hf:{pathlib.Path(loaded.hf_dir).resolve()}" if loaded.hf_dir is not None else loaded.spec
+    if spec.startswith("run:"):  # run:DIR@STEP from wherever the run is read later
+        path, _, step = spec.removeprefix("run:").partition("@")
+        spec = f"run:{pathlib.Path(path).expanduser().resolve()}" + (f"@{step}" if step else "")
     m = cfg.model
     return {"source": spec, "seed": cfg.train.seed, "overrides": {**m.model_overrides(), "scan_layers": m.scan_layers},
             "dtype": m.compute_dtype, "param_dtype": m.param_dtype,
