@@ -60,8 +60,12 @@ def test_adapters_exist_with_logical_axes_and_start_at_the_base(adapted):
     lay = ("layers",) if stacked else ()
     assert axes[f"{q}.attn.query_dnh_lora_a"] == (*lay, "embed", "lora_rank")
     assert axes[f"{q}.mlp.down_fd_lora_b"] == (*lay, "lora_rank", "embed")
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=1), jax.devices()[:1])
-    parallel.state_shardings(nnx.state(model, nnx.LoRAParam), mesh)  # every axis has a rule
+    if len(jax.devices()) >= 8:  # adapters shard like the weights they adapt; the rank axis is replicated
+        mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+        specs = {".".join(map(str, p)): tuple(s.spec) for p, s in nnx.to_flat_state(
+            parallel.state_shardings(nnx.state(model, nnx.LoRAParam), mesh))}
+        assert specs[f"{q}.attn.query_dnh_lora_a"] == (*[None] * len(lay), "fsdp", None)
+        assert specs[f"{q}.mlp.gate_df_lora_b"] == (*[None] * len(lay), None, "tensor")
     assert all(not np.any(v) for k, v in adapters.items() if k.endswith("_lora_b"))
     assert all(np.any(v) for k, v in adapters.items() if k.endswith("_lora_a"))
     np.testing.assert_array_equal(logits(model), base_logits)
