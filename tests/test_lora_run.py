@@ -1,4 +1,5 @@
-"""A tiny ``train.preference`` LoRA run with stacked layers (``model.scan_layers``): the checkpoint holds only the
+"""A tiny ``train.preference`` LoRA run with stacked layers (``model.scan_layers``), packed pairs and 2
+micro-batches: step 0's loss is exactly ln 2 and the loss falls; the checkpoint holds only the
 adapters and their optimizer moments and records the base it needs; ``run:`` rebuilds the base and restores the
 adapters, and with the adapters off it is the base bitwise; resuming from an earlier checkpoint ends bitwise
 equal to the uninterrupted run (the kill/resume path of ``tests/test_reliability.py``, in process). The run is the
@@ -26,7 +27,8 @@ COMMON = ["model.source=preset:tiny_llama", "model.tokenizer=builtin", "model.ov
           "data.limit=8", "data.max_length=32", "data.buckets=[32]", "train.batch_size=8",
           "logging.progress=false", "logging.tensorboard=false", "train.seq_chunk=32", "train.vocab_chunk=256",
           "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", "data.eval_split=0", "train.steps=3",
-          "checkpoint.every=1", "checkpoint.keep=3", "checkpoint.async_save=false", "model.scan_layers=true"]
+          "checkpoint.every=1", "checkpoint.keep=3", "checkpoint.async_save=false", "model.scan_layers=true",
+          "data.packing=true", "train.micro_batches=2"]
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
