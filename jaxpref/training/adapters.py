@@ -4,7 +4,8 @@ A LoRA run trains the adapters alone (:mod:`jaxpref.models.lora`): ``TrainState.
 state hold only ``nnx.LoRAParam`` leaves, so checkpoints hold only them too. The frozen base is rebuilt from
 the source ``model.json`` records under ``lora`` (source spec, seed, overrides, quantisation), never written
 again at a save, and passed to the step as its non-donated ``ref_params`` argument; a ``live`` or
-``precomputed`` reference is the base with the adapters off, so there is no second parameter tree.
+``precomputed`` reference is the base with the adapters off, so there is no second parameter tree, unless
+``reference.source`` names another model (then that model, run with its own graph).
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ def check_supported(cfg: RunConfig, kind: str, sample_terms: tuple[str, ...], ru
         (kind != "preference", f"lora is supported by train.preference only, not {kind} runs"),
         (cfg.model.adapter is not None and cfg.lora is None,
          "model.adapter without a lora section: set lora={} to train the adapter (the base stays frozen)"),
-        (cfg.reference.source is not None, f"lora with reference.source={cfg.reference.source}: the LoRA reference "
-                                           "is the base with the adapters off; unset reference.source"),
         (cfg.reference.sync_every > 0, "lora with reference.sync_every > 0 (TR-DPO) is not supported"),
         (bool(sample_terms), f"lora with loss terms {list(sample_terms)} (reference samples) is not supported"),
         (cfg.train.eval_every > 0, "lora with train.eval_every > 0 is not supported yet: evaluate the run with "
@@ -94,6 +93,21 @@ def attach_for_run(cfg: RunConfig, setup, mesh) -> dict[str, Any]:
     log.info("lora: %d adapters, %d trainable parameters over a frozen base of %d%s", len(sites), n_adapter, n_base,
              f" ({lc.quantize})" if lc.quantize else "")
     return parts
+
+
+def load_reference(cfg: RunConfig, mesh, vocab_size: int, run_error: type[Exception]) -> tuple[Any, Any]:
+    """``(graphdef, params)`` of ``reference.source`` in the policy's layer layout: a LoRA run's reference other
+    than its base (the step runs it with its own graph, so a quantised base does not quantise it).
+    ``run_error`` when its vocabulary is smaller than the policy's ``vocab_size`` (token ids would overflow it)."""
+    from jaxpref.loading import load_model
+
+    ref = load_model(cfg.reference.source, seed=cfg.train.seed, mesh=mesh, dtype=cfg.model.compute_dtype,
+                     param_dtype=cfg.model.param_dtype, overrides={"scan_layers": cfg.model.scan_layers})
+    if ref.model.config.vocab_size < vocab_size:
+        raise run_error(f"reference.source={cfg.reference.source}: vocab_size {ref.model.config.vocab_size} is "
+                        f"smaller than the policy's {vocab_size} (model.source={cfg.model.source})")
+    graphdef, params, _ = nnx.split(ref.model, nnx.Param, ...)
+    return graphdef, params
 
 
 def _graph_without_adapters(model: nnx.Module):

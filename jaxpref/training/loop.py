@@ -305,8 +305,11 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
     state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
     ref_params, ref_cache = None, None
+    lora_ref = None  # LoRA with reference.source: (graphdef, params) of that reference
     if lora_parts is not None:
         ref_params = lora_parts["base"]
+        if kind == "preference" and cfg.reference.source is not None and cfg.reference.strategy != "none":
+            lora_ref = adapters.load_reference(cfg, mesh, setup.loaded.model.config.vocab_size, RunError)
     elif kind == "preference" and cfg.reference.strategy != "none":
         ref_params = _reference_params(cfg, state.params, mesh)
     samples = None
@@ -328,12 +331,16 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         _check_syncable(cfg, ref_params, state.params)
         ref_params = _restore_synced_reference(cfg, checkpointer, ref_params, start)
     if kind == "preference" and cfg.reference.strategy == "precomputed":
-        ref_graphdef = graphdef if lora_parts is None else lora_parts["base_graphdef"]  # LoRA: adapters off
-        ref_cache = _precompute(cfg, ref_graphdef, rest, ref_params, data, mesh)
+        ref_gd, ref_tree = (graphdef, ref_params) if lora_parts is None else \
+            lora_ref or (lora_parts["base_graphdef"], ref_params)  # LoRA: the base with the adapters off
+        ref_cache = _precompute(cfg, ref_gd, rest, ref_tree, data, mesh)
         ref_params = None if lora_parts is None else ref_params
+    elif lora_ref is not None:  # a live reference of its own: the step takes (frozen base, reference)
+        ref_params = (lora_parts["base"], lora_ref[1])
 
     fn = make_train_step(cfg, kind, graphdef, rest, optimizer, comp,
-                         base_graphdef=None if lora_parts is None else lora_parts["base_graphdef"])
+                         base_graphdef=None if lora_parts is None else lora_parts["base_graphdef"],
+                         reference_graphdef=lora_ref[0] if lora_ref is not None and ref_cache is None else None)
     state_sh = parallel.tree_shardings(state)
     ref_sh = None if ref_params is None else parallel.tree_shardings(ref_params)
 
@@ -380,17 +387,20 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     return summary
 
 
-def make_train_step(cfg: RunConfig, kind: str, graphdef, rest, optimizer, comp=None, base_graphdef=None) -> Callable:
+def make_train_step(cfg: RunConfig, kind: str, graphdef, rest, optimizer, comp=None, base_graphdef=None,
+                    reference_graphdef=None) -> Callable:
     """The step function a ``kind`` run trains with (``preference``: :func:`~jaxpref.training.step.make_preference_step`
     with the loss composition ``comp``; ``sft``: :func:`~jaxpref.training.step.make_sft_step`; ``reward``:
     :func:`jaxpref.reward_model.make_reward_step`), built from the config's train settings. The trainers
     and the memory planner (:mod:`jaxpref.training.plan`) both build their step here. ``base_graphdef``: a LoRA
-    run's graph without adapters (:func:`~jaxpref.training.step.make_preference_step`)."""
+    run's graph without adapters, ``reference_graphdef`` its own reference's graph
+    (:func:`~jaxpref.training.step.make_preference_step`)."""
     chunks = {"seq_chunk": cfg.train.seq_chunk, "vocab_chunk": cfg.train.vocab_chunk}
     common = {"micro_batches": cfg.train.micro_batches, "nan_policy": cfg.train.nan_policy}
     if kind == "preference":
         return steplib.make_preference_step(graphdef, rest, optimizer, comp, reference=cfg.reference.strategy,
-                                            base_graphdef=base_graphdef, **common, **chunks)
+                                            base_graphdef=base_graphdef, reference_graphdef=reference_graphdef,
+                                            **common, **chunks)
     if kind == "sft":
         return steplib.make_sft_step(graphdef, rest, optimizer, **common, **chunks)
     if kind == "reward":

@@ -235,7 +235,7 @@ def setup(cfg: RunConfig, kind: str, devices) -> Setup:
     optimizer, _ = optim.make_optimizer(cfg.optim, max(cfg.train.steps, 1))
     state = jax.eval_shape(lambda p: steplib.init_state(p, optimizer, cfg.train.seed), params)
     state = _with_shardings(state, steplib.state_shardings(state, jax.tree.map(lambda x: x.sharding, params), mesh))
-    comp, reference, ref_params = None, "none", None
+    comp, reference, ref_params, ref_graphdef = None, "none", None, None
     if kind == "preference":
         comp = loop._composition(cfg)
         loop.check_reference(cfg, comp)
@@ -249,9 +249,11 @@ def setup(cfg: RunConfig, kind: str, devices) -> Setup:
             ref_params = params
             if cfg.reference.source is not None:
                 ref_cfg = model_config(cfg.reference.source, _runtime(cfg, reference=True))
-                ref_params = abstract_params(abstract_model(ref_cfg, kind), mesh)[1]
-        ref_params = base if base is not None else ref_params
-    fn = loop.make_train_step(cfg, kind, graphdef, rest, optimizer, comp, base_graphdef=base_graphdef)
+                ref_graphdef, ref_params, _ = abstract_params(abstract_model(ref_cfg, kind), mesh)
+        if base is not None:  # LoRA: the frozen base, paired with a reference of its own
+            ref_params = (base, ref_params) if ref_graphdef is not None else base
+    fn = loop.make_train_step(cfg, kind, graphdef, rest, optimizer, comp, base_graphdef=base_graphdef,
+                              reference_graphdef=ref_graphdef if base is not None else None)
     return Setup(cfg, kind, mesh, config, fn, state, ref_params, reference, lora=base is not None)
 
 

@@ -268,6 +268,7 @@ def make_preference_step(
     nan_policy: str = "skip",
     bco_momentum: float = 0.0,
     base_graphdef=None,
+    reference_graphdef=None,
 ) -> Callable:
     """Builds ``step(state, ref_params, batch, ref_logps) -> (state, metrics)``.
 
@@ -286,6 +287,8 @@ def make_preference_step(
         ``state.params`` holds the adapters alone, ``ref_params`` the frozen base (passed whatever the
         reference strategy, never donated nor differentiated), the policy is ``graphdef`` over both and a
         ``live`` reference is ``base_graphdef`` over the base: the base with the adapters off.
+      reference_graphdef: LoRA with a ``live`` reference of its own (``reference.source``): its graph; then
+        ``ref_params`` is the pair ``(frozen base, reference params)``.
 
     ``batch`` may be a padded :class:`~jaxpref.types.PairBatch` or a
     :class:`~jaxpref.types.PackedPairBatch` (``data.packing``; same losses and gradients, see
@@ -301,7 +304,8 @@ def make_preference_step(
     uses_ref = reference != "none"
     bco_keys = [t.key for t in composition.terms if t.name == "bco_pair"]
     sample_terms = needs_reference_samples(composition)
-    ref_graphdef = graphdef if base_graphdef is None else base_graphdef
+    ref_graphdef = reference_graphdef or (graphdef if base_graphdef is None else base_graphdef)
+    own_reference = base_graphdef is not None and reference_graphdef is not None
 
     def step(state: TrainState, ref_params, batch: PairBatch | PackedPairBatch, ref_logps):
         packed = isinstance(batch, PackedPairBatch)
@@ -318,15 +322,16 @@ def make_preference_step(
         n_valid = jnp.maximum(batch.example_mask.sum(), 1).astype(jnp.float32)
 
         def micro_loss(params, mb: PairBatch, mb_ref):
+            frozen, ref_tree = ref_params if own_reference else (ref_params, ref_params)
             if base_graphdef is not None:  # LoRA: adapters (differentiated) + the frozen base
-                params = nnx.merge_state(params, ref_params)
+                params = nnx.merge_state(params, frozen)
             with jax.named_scope("policy"):
                 sums, counts = batch_pair_logps(graphdef, params, rest, mb, num_segments=n_seg, **chunks)
             ref_sums = None
             if reference == "live":
                 with jax.named_scope("reference"):
                     ref_sums = jax.lax.stop_gradient(
-                        batch_pair_logps(ref_graphdef, ref_params, rest, mb, num_segments=n_seg, **chunks)[0])
+                        batch_pair_logps(ref_graphdef, ref_tree, rest, mb, num_segments=n_seg, **chunks)[0])
             elif reference == "precomputed":
                 ref_sums = mb_ref
             samples = None
