@@ -35,8 +35,9 @@ def check_supported(cfg: RunConfig, kind: str, sample_terms: tuple[str, ...], ru
          "model.adapter without a lora section: set lora={} to train the adapter (the base stays frozen)"),
         (cfg.reference.sync_every > 0, "lora with reference.sync_every > 0 (TR-DPO) is not supported"),
         (bool(sample_terms), f"lora with loss terms {list(sample_terms)} (reference samples) is not supported"),
-        (cfg.train.eval_every > 0, "lora with train.eval_every > 0 is not supported yet: evaluate the run with "
-                                   "the eval scripts (run:RUN_DIR) instead"),
+        (cfg.train.eval_every > 0 and cfg.reference.source is not None,
+         "lora with train.eval_every > 0 and reference.source is not supported yet: evaluate the run with the eval "
+         "scripts (run:RUN_DIR) instead"),
     ]
     for bad, message in refusals:
         if bad:

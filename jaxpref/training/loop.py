@@ -319,9 +319,11 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     syncing = kind == "preference" and cfg.reference.sync_every > 0  # live strategy (config check)
     evaluator = None
     if datasets.eval is not None and cfg.train.eval_every > 0:  # scores the initial policy (and reference) first
-        evaluator = make_evaluator(cfg, kind, datasets, graphdef, rest, mesh, comp=None if sample_terms else comp,
-                                   current_reference=(lambda: ref_params) if syncing else None, tokenizer=tokenizer,
-                                   steps=steps)
+        # LoRA: the frozen base travels with the non-trainable state, so the evaluator's merge is the LoRA model
+        eval_rest = rest if lora_parts is None else nnx.merge_state(lora_parts["base"], rest)
+        evaluator = make_evaluator(cfg, kind, datasets, graphdef, eval_rest, mesh,
+                                   comp=None if sample_terms else comp, tokenizer=tokenizer, steps=steps,
+                                   current_reference=(lambda: ref_params) if syncing else None)
         if kind == "preference":
             evaluator.prepare(run_dir, state.params, ref_params if cfg.reference.source else None, resume=resume)
     it = open_iterator(cfg, data, ref_samples=samples, packing=pack_spec(cfg, data, mesh),
