@@ -138,3 +138,37 @@ def test_lora_step_with_its_own_reference_equals_the_full_step():
     assert abs(float(want["loss"]) - np.log(2)) > 1e-3  # the other model is a different reference
     for key in ("loss", "logps/chosen", "logps/rejected", "sigmoid/rewards/margins"):
         np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+def test_a_loaded_peft_adapter_is_the_one_that_trains(tmp_path):
+    """``model.adapter`` with a ``lora`` section: the adapter read from the PEFT directory (rank 2 on q) trains,
+    not fresh ``lora.rank`` adapters; the graph without it is the base."""
+    from types import SimpleNamespace
+
+    from jaxpref import parallel
+    from jaxpref.models import lora_peft
+    from jaxpref.training import adapters as run_adapters
+
+    src = build_model(presets.tiny_llama())
+    lora.attach(src, rank=2, alpha=4.0, targets=r"attn\.query")
+    for site in lora.adapted_sites(src):
+        b = getattr(site.module, site.name + "_lora_b")
+        b.set_value(b.get_value() + 0.1)
+    lora_peft.save_adapter(src, tmp_path / "adapter")
+    cfg = load_config(RunConfig, None, ["lora={rank: 8}", f"model.adapter={tmp_path / 'adapter'}"])
+    model = build_model(presets.tiny_llama())
+    lora_peft.load_adapter(model, cfg.model.adapter)
+    setup = SimpleNamespace(loaded=SimpleNamespace(model=model, spec="preset:tiny_llama", hf_dir=None),
+                            model_json={}, run_dir=tmp_path)
+    parts = run_adapters.attach_for_run(cfg, setup, parallel.make_mesh(parallel.MeshConfig(data=1),
+                                                                       jax.devices()[:1]))
+    assert setup.model_json["lora"]["adapters"] == {f"layers.{i}.attn.query_dnh": {"rank": 2, "scale": 2.0}
+                                                    for i in (0, 1)}
+    got = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(parts["adapters"])}
+    want = {".".join(map(str, p)): np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(nnx.state(src, nnx.LoRAParam))}
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    off = nnx.merge(parts["base_graphdef"], parts["base"], parts["rest"])
+    assert not lora.has_adapters(off)
