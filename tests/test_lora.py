@@ -141,3 +141,23 @@ def test_bad_targets_and_rank_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"lora is not set: set the section itself"):
         load_config(RunConfig, None, ["lora.rank=4"])
     assert not lora.has_adapters(model)
+
+
+def test_peft_directory_round_trip_between_layouts(tmp_path):
+    """A stacked model's adapters written as a PEFT directory load into an unrolled model: the same logits."""
+    import json
+
+    from jaxpref.models import lora_peft
+
+    stacked = build_model(presets.tiny_llama(scan_layers=True))
+    lora.attach(stacked, rank=3, alpha=6.0, targets=r"(value_dkh|down_fd)$")
+    for site in lora.adapted_sites(stacked):
+        b = getattr(site.module, site.name + "_lora_b")
+        b.set_value(b.get_value() + 0.2)
+    lora_peft.save_adapter(stacked, tmp_path, base_name="some/base")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"]) == (3, 6.0, ["down_proj", "v_proj"])
+    unrolled = build_model(presets.tiny_llama())
+    assert sorted(lora_peft.load_adapter(unrolled, tmp_path, base_spec="some/base")) == [
+        f"layers.{i}.{m}" for i in (0, 1) for m in ("attn.value_dkh", "mlp.down_fd")]
+    np.testing.assert_allclose(logits(unrolled), logits(stacked), atol=1e-6, rtol=1e-6)
