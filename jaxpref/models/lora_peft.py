@@ -23,6 +23,7 @@ import math
 import pathlib
 import re
 
+import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
@@ -172,7 +173,8 @@ def load_adapter(model, adapter_dir: str | pathlib.Path, *, base_spec: str | Non
         if not any(p in found for p, _ in parts):
             continue
         a, b = _site_arrays(site, parts, found, r, adapter_dir, field)
-        lora.set_adapter(site, a.astype(model.config.param_dtype), b.astype(model.config.param_dtype), scale)
+        dtype = jnp.dtype(model.config.param_dtype)
+        lora.set_adapter(site, jnp.asarray(a, dtype), jnp.asarray(b, dtype), scale)
         done.append(site.path)
     log.info("%s=%s: %d adapted projections (r=%d, scale %.4g)", field, adapter_dir, len(done), r, scale)
     return done
