@@ -290,7 +290,7 @@ class LoraConfig:
       dropout: dropout on the adapter input; only 0 is implemented.
       targets: regex (``re.search``) over projection paths such as ``layers.0.attn.query_dnh`` or
         ``layers.3.mlp.down_fd``; the default takes every attention and MLP projection.
-      quantize: ``int8`` or ``int4``: store the frozen base quantised (QLoRA, :mod:`jaxpref.models.quantize`);
+      quantize: ``int8`` or ``int4``: store the frozen base quantised (QLoRA, :func:`jaxpref.models.lora.quantize`);
         None = as loaded.
       seed: seeds the adapters' ``A`` init.
     """

@@ -1,4 +1,4 @@
-"""LoRA adapters (``jaxpref.models.lora``) and the QLoRA base (``jaxpref.models.quantize``) on the tiny Llama.
+"""LoRA adapters (``jaxpref.models.lora``) on the tiny Llama.
 
 Adapters exist explicitly with the logical axes of the weights they adapt, start at B = 0 (the base's logits
 bitwise), receive gradients, and once non-zero change the logits to exactly those of the weights

@@ -1,8 +1,8 @@
-"""QLoRA (``lora.quantize``, :mod:`jaxpref.models.quantize`): the frozen base stored as int8 / int4 and dequantised
-in every projection. Each weight is within half a quantisation step, all of the logits' error comes from that
-step (the float model of the dequantised weights gives the same logits), the error against the float base stays
-within a first-order bound derived from the step, and a tiny QLoRA int8 DPO run lowers the loss and evaluates
-held-out pairs during training."""
+"""QLoRA (``lora.quantize``, :func:`jaxpref.models.lora.quantize`): the frozen base stored as int8 / int4 and
+dequantised in every projection. Each weight is within half a quantisation step, all of the logits' error comes
+from that step (the float model of the dequantised weights gives the same logits), the error against the float
+base stays within a first-order bound derived from the step, and a tiny QLoRA int8 DPO run lowers the loss and
+evaluates held-out pairs during training."""
 
 import json
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxpref.config import RunConfig, load_config
-from jaxpref.models import build_model, lora, presets, quantize
+from jaxpref.models import build_model, lora, presets
 from jaxpref.training.loop import run_training
 
 IDS = (np.arange(24).reshape(2, 12) * 7 + 3) % 128
@@ -35,7 +35,7 @@ def base_logits():
 def test_quantised_base_is_within_half_a_step(kind, q_max, base_logits):
     model = build_model(presets.tiny_llama())
     float_w = {s.path: np.asarray(s.var.get_value()) for s in lora.sites(model)}
-    quantize.quantize(model, kind)
+    lora.quantize(model, kind)
     deq = {}
     for site in lora.sites(model):
         q = site.var.get_value()
@@ -48,7 +48,7 @@ def test_quantised_base_is_within_half_a_step(kind, q_max, base_logits):
         assert np.all(np.abs(w - deq[site.path]) <= step / 2 * (1 + 1e-6))  # half a step per weight
     got = logits(model)
     stacked = build_model(presets.tiny_llama(scan_layers=True))
-    quantize.quantize(stacked, kind)  # steps per layer and output channel: the same integers when stacked
+    lora.quantize(stacked, kind)  # steps per layer and output channel: the same integers when stacked
     np.testing.assert_allclose(logits(stacked), got, atol=1e-6, rtol=1e-6)
     # all the error is the quantisation: the float model of the dequantised weights computes the same logits
     plain = build_model(presets.tiny_llama())

@@ -18,10 +18,19 @@ carrying the logical axis names of the weight they adapt (``lora_rank`` is repli
 :data:`jaxpref.parallel.DEFAULT_RULES`). :func:`project` is the one call every projection in
 :mod:`jaxpref.models.layers` goes through: ``einsum(x, W)`` plus, when the module has an adapter, the
 low-rank path ``scale * (x A) B`` (never the merged ``W + scale A B``: activation memory stays ``[.., r]``),
-and, when the base is quantised (:mod:`jaxpref.models.quantize`), ``W`` dequantised on the fly.
+and, when the base is quantised (:func:`quantize`), ``W`` dequantised on the fly.
 
 "Adapters off" is the graph of the model before :func:`attach` (:func:`split` returns it as
 ``base_graphdef``): the DPO reference is the base parameters run through that graph, no second tree.
+
+QLoRA (Dettmers et al. 2023; ``lora.quantize``): :func:`quantize` stores the frozen projection weights as int8 /
+int4 with symmetric per-output-channel steps ``s_o = max_i |W[i, o]| / q_max`` (``q_max`` = 127 / 7) and
+integers ``q = clip(round(W / s), -q_max, q_max)``, so each weight is off by at most half a step,
+``|W - q s| <= s_o / 2`` (the bound ``tests/test_qlora.py`` checks). The integers replace the weight (same
+logical axes) and the steps sit beside it as ``<name>_qscale [(L,) 1.., *out]`` float32; :func:`weight`
+dequantises inside every projection, so compute runs in the model's dtype while the stored base takes 1 (int8) or
+1/2 (int4, packed by accelerators; CPU stores a byte) byte per weight. Embeddings, norms and the head stay as
+they are.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ PROJECTIONS: dict[str, int] = {"query_dnh": 1, "key_dkh": 1, "value_dkh": 1, "ou
                                "up_df": 1, "down_fd": 1}
 DEFAULT_TARGETS = r"(attn\.(query_dnh|key_dkh|value_dkh|out_nhd)|mlp\.(gate_df|up_df|down_fd))$"
 A_SUFFIX, B_SUFFIX, SCALE_SUFFIX = "_lora_a", "_lora_b", "_lora_scale"
-QSCALE_SUFFIX = "_qscale"  # per-output-channel scale of a quantised weight (jaxpref.models.quantize)
+QSCALE_SUFFIX = "_qscale"  # per-output-channel step of a quantised weight (:func:`quantize`)
 RANK_AXIS = "lora_rank"
 
 
@@ -235,3 +244,47 @@ def adapter_arrays(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray,
     return {s.path: (np.asarray(jax.device_get(getattr(s.module, s.name + A_SUFFIX)[...])),
                      np.asarray(jax.device_get(getattr(s.module, s.name + B_SUFFIX)[...])),
                      getattr(s.module, s.name + SCALE_SUFFIX)) for s in adapted_sites(model)}
+
+
+# ----------------------------------------------------------------------------------- QLoRA base
+
+
+BITS = {"int8": (jnp.int8, 127), "int4": (jnp.int4, 7)}
+
+
+def quantize_array(w: jax.Array, *, lead: int, n_in: int, kind: str) -> tuple[jax.Array, jax.Array]:
+    """``(q, s)`` of ``w [(L,) *in, *out]``: integers of ``w``'s shape and float32 steps ``[(L,) 1.., *out]``."""
+    dtype, q_max = BITS[kind]
+    w32 = w.astype(jnp.float32)
+    in_axes = tuple(range(lead, lead + n_in))
+    absmax = jnp.max(jnp.abs(w32), axis=in_axes, keepdims=True)
+    step = jnp.where(absmax > 0, absmax / q_max, 1.0)
+    q = jnp.clip(jnp.round(w32 / step), -q_max, q_max).astype(dtype)
+    return q, step
+
+
+def quantize(model: nnx.Module, kind: str) -> list[str]:
+    """Quantises every projection weight of ``model`` in place (module docstring); returns their paths."""
+    if kind not in BITS:
+        raise ConfigError(f"lora.quantize={kind!r}: expected one of {list(BITS)} (or null)")
+    done = []
+    for site in sites(model):
+        if hasattr(site.module, site.name + QSCALE_SUFFIX):
+            continue
+        axes = site.var.get_metadata().get("out_sharding")
+        q, step = _quantize_jit(site.var.get_value(), site.lead, site.n_in, kind)
+        scale_axes = None if axes is None else tuple(
+            None if site.lead <= i < site.lead + site.n_in else a for i, a in enumerate(axes))
+        setattr(site.module, site.name, nnx.Param(q, out_sharding=axes, eager_sharding=False))
+        setattr(site.module, site.name + QSCALE_SUFFIX, nnx.Param(step, out_sharding=scale_axes,
+                                                                      eager_sharding=False))
+        done.append(site.path)
+    return done
+
+
+def _quantize_jit(w, lead: int, n_in: int, kind: str):
+    return jax.jit(quantize_array, static_argnames=("lead", "n_in", "kind"))(w, lead=lead, n_in=n_in, kind=kind)
+
+
+def is_quantized(model: nnx.Module) -> bool:
+    return any(hasattr(s.module, s.name + QSCALE_SUFFIX) for s in sites(model))

@@ -20,7 +20,7 @@ import jax
 from flax import nnx
 
 from jaxpref.config import RunConfig
-from jaxpref.models import lora, quantize
+from jaxpref.models import lora
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def attach_for_run(cfg: RunConfig, setup, mesh) -> dict[str, Any]:
     lc, model = cfg.lora, setup.loaded.model
     trained = lora.has_adapters(model)  # model.adapter (PEFT) loaded onto the model: train that adapter
     if lc.quantize:
-        quantize.quantize(model, lc.quantize)
+        lora.quantize(model, lc.quantize)
     if trained:
         log.info("lora: training the adapter of model.adapter=%s (lora.rank / lora.targets unused)",
                  cfg.model.adapter)
@@ -139,7 +139,7 @@ def rebuild(record: dict[str, Any], *, mesh=None, runtime: dict[str, Any] | None
                         dtype=dtype, param_dtype=param_dtype)
     model = loaded.model
     if record.get("quantize"):
-        quantize.quantize(model, record["quantize"])
+        lora.quantize(model, record["quantize"])
     by_rank: dict[tuple[int, float], list[str]] = {}
     for path, info in record["adapters"].items():
         by_rank.setdefault((info["rank"], info["scale"]), []).append(path)

@@ -124,12 +124,12 @@ def abstract_model(config: models.ModelConfig, kind: str) -> nnx.Module:
 def abstract_lora_model(config: models.ModelConfig, lc) -> tuple[nnx.Module, Any]:
     """``(model, base_graphdef)`` of a LoRA run (``lora`` section): the abstract base, quantised when
     ``lora.quantize`` says so, with its adapters attached, and the graph without them (no allocation)."""
-    from jaxpref.models import lora, quantize
+    from jaxpref.models import lora
 
     def build(with_adapters: bool):
         model = models.registry.model_class(config.family)(config, rngs=nnx.Rngs(0))
         if lc.quantize:
-            quantize.quantize(model, lc.quantize)
+            lora.quantize(model, lc.quantize)
         if with_adapters:
             lora.attach(model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, seed=lc.seed)
         return model
