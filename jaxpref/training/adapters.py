@@ -30,7 +30,9 @@ def check_supported(cfg: RunConfig, kind: str, sample_terms: tuple[str, ...], ru
     if cfg.lora is None and cfg.model.adapter is None:
         return
     refusals = [
-        (kind != "preference", f"lora is supported by train.preference only, not {kind} runs"),
+        (kind not in ("preference", "sft"), f"lora is supported by train.preference and train.sft, not {kind} runs"),
+        (kind == "sft" and cfg.train.eval_every > 0, "lora with train.eval_every > 0 is supported by "
+                                                     "train.preference only, not sft runs"),
         (cfg.model.adapter is not None and cfg.lora is None,
          "model.adapter without a lora section: set lora={} to train the adapter (the base stays frozen)"),
         (cfg.reference.sync_every > 0, "lora with reference.sync_every > 0 (TR-DPO) is not supported"),
@@ -60,7 +62,8 @@ def attach_for_run(cfg: RunConfig, setup, mesh) -> dict[str, Any]:
     """Quantises the loaded base (``lora.quantize``), attaches the adapters, records both in ``model.json``.
 
     A ``model.adapter`` already loaded onto the model (PEFT) is the adapter that trains (its own rank and
-    targets); otherwise fresh zero-B adapters of ``lora.rank`` on ``lora.targets``.
+    targets); otherwise fresh zero-B adapters of ``lora.rank`` on ``lora.targets``. Adapters of a LoRA run named
+    by ``model.source`` (``run:``) are folded into the base first: that run's policy is the base and the reference.
 
     Returns:
       :func:`jaxpref.models.lora.split` of the model: ``graphdef``, ``adapters``, ``base``, ``rest`` and
@@ -68,7 +71,11 @@ def attach_for_run(cfg: RunConfig, setup, mesh) -> dict[str, Any]:
     """
     from jaxpref import parallel
 
-    lc, model = cfg.lora, setup.loaded.model
+    lc = cfg.lora
+    if cfg.model.adapter is None and lora.has_adapters(setup.loaded.model):
+        # a LoRA run as the source (e.g. a LoRA SFT run): its policy, adapters folded in, is this run's base
+        setup.loaded.model = lora.merged(setup.loaded.model)
+    model = setup.loaded.model
     trained = lora.has_adapters(model)  # model.adapter (PEFT) loaded onto the model: train that adapter
     if lc.quantize:
         lora.quantize(model, lc.quantize)
@@ -137,6 +144,8 @@ def rebuild(record: dict[str, Any], *, mesh=None, runtime: dict[str, Any] | None
     dtype, param_dtype = runtime.pop("dtype", base["dtype"]), runtime.pop("param_dtype", base["param_dtype"])
     loaded = load_model(base["source"], overrides={**base["overrides"], **runtime}, seed=base["seed"], mesh=mesh,
                         dtype=dtype, param_dtype=param_dtype)
+    if lora.has_adapters(loaded.model):  # a LoRA run as the base source: folded in, as attach_for_run did
+        loaded.model = lora.merged(loaded.model)
     model = loaded.model
     if record.get("quantize"):
         lora.quantize(model, record["quantize"])

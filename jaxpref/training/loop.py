@@ -361,7 +361,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         batch, rl = placed
         if kind == "preference":
             return jitted(batch)(state, ref_params, batch, rl)
-        return jitted(batch)(state, batch)
+        return jitted(batch)(state, batch) if lora_parts is None else jitted(batch)(state, ref_params, batch)
 
     after_step = None
     if syncing:  # built once, not per sync; the synced reference keeps its shardings
@@ -404,7 +404,7 @@ def make_train_step(cfg: RunConfig, kind: str, graphdef, rest, optimizer, comp=N
                                             base_graphdef=base_graphdef, reference_graphdef=reference_graphdef,
                                             **common, **chunks)
     if kind == "sft":
-        return steplib.make_sft_step(graphdef, rest, optimizer, **common, **chunks)
+        return steplib.make_sft_step(graphdef, rest, optimizer, base_graphdef=base_graphdef, **common, **chunks)
     if kind == "reward":
         from jaxpref.reward_model import make_reward_step
 
@@ -416,12 +416,12 @@ def jit_train_step(fn: Callable, kind: str, mesh, state_sh, batch, *, ref_sh=Non
     """``fn`` jitted for ``batch``'s shape (arrays or ``jax.ShapeDtypeStruct``) with the run's shardings: the
     state's ``state_sh``, the batch split over the mesh's ``batch`` axes; for ``preference`` also the
     reference params' ``ref_sh`` (None: no live reference) and, with ``ref_logps``, the precomputed
-    ``[B, 2]`` reference log-probs split like the batch."""
+    ``[B, 2]`` reference log-probs split like the batch; for a LoRA ``sft`` step ``ref_sh`` is its frozen base's."""
     batch_sh = jax.tree.map(lambda x: parallel.batch_sharding(mesh, len(np.shape(x))), batch)
     if kind == "preference":
         rl_sh = parallel.batch_sharding(mesh, 2) if ref_logps else None
         return steplib.jit_step(fn, state_sh, (ref_sh, batch_sh, rl_sh))
-    return steplib.jit_step(fn, state_sh, (batch_sh,))
+    return steplib.jit_step(fn, state_sh, (batch_sh,) if ref_sh is None else (ref_sh, batch_sh))
 
 
 def open_iterator(cfg: RunConfig, data, ref_samples=None, packing: data_packing.PackSpec | None = None,

@@ -252,6 +252,8 @@ def setup(cfg: RunConfig, kind: str, devices) -> Setup:
                 ref_graphdef, ref_params, _ = abstract_params(abstract_model(ref_cfg, kind), mesh)
         if base is not None:  # LoRA: the frozen base, paired with a reference of its own
             ref_params = (base, ref_params) if ref_graphdef is not None else base
+    elif base is not None:  # LoRA SFT: the step takes the frozen base
+        ref_params = base
     fn = loop.make_train_step(cfg, kind, graphdef, rest, optimizer, comp, base_graphdef=base_graphdef,
                               reference_graphdef=ref_graphdef if base is not None else None)
     return Setup(cfg, kind, mesh, config, fn, state, ref_params, reference, lora=base is not None)
@@ -291,6 +293,9 @@ def step_inputs(s: Setup, batch_size: int, t: int) -> tuple:
     """``(args, jitted)``: the abstract arguments of the step and the step jitted as the trainers jit it."""
     batch = abstract_batch(s.kind, s.cfg, batch_size, t, s.mesh)
     if s.kind != "preference":
+        if s.lora:  # LoRA SFT: step(state, base, batch)
+            return (s.state, s.ref_params, batch), loop.jit_train_step(s.fn, s.kind, s.mesh, _shardings(s.state),
+                                                                        batch, ref_sh=_shardings(s.ref_params))
         return (s.state, batch), loop.jit_train_step(s.fn, s.kind, s.mesh, _shardings(s.state), batch)
     rl = None
     if s.reference == "precomputed":
@@ -437,7 +442,7 @@ def plan(cfg: RunConfig, *, kind: str = "preference", devices=None, hbm: int | N
     b = cfg.train.batch_size
     check_shape(s, b, t)
     args, _ = step_inputs(s, b, t)
-    batch = args[2] if kind == "preference" else args[1]
+    batch = args[2] if kind == "preference" or s.lora else args[1]
     bytes_ = {"params": per_device_bytes(s.state.params), "optimizer": per_device_bytes(s.state.opt_state),
               "reference": per_device_bytes(s.ref_params) if s.ref_params is not None else 0,
               "batch": per_device_bytes(batch) + (per_device_bytes(args[3]) if kind == "preference" and

@@ -375,16 +375,21 @@ def _masked_sum(x, mask):
 
 
 def make_sft_step(graphdef, rest, optimizer, *, micro_batches: int = 1, seq_chunk: int = 128,
-                  vocab_chunk: int = 8192, nan_policy: str = "skip") -> Callable:
-    """Builds ``step(state, batch: SFTBatch) -> (state, metrics)``: token-mean NLL of responses."""
+                  vocab_chunk: int = 8192, nan_policy: str = "skip", base_graphdef=None) -> Callable:
+    """Builds ``step(state, batch: SFTBatch) -> (state, metrics)``: token-mean NLL of responses.
+
+    With ``base_graphdef`` (LoRA, see :func:`make_preference_step`) it is ``step(state, base, batch)``:
+    ``state.params`` are the adapters, ``base`` the frozen (non-donated, undifferentiated) base parameters.
+    """
     chunks = {"seq_chunk": seq_chunk, "vocab_chunk": vocab_chunk}
 
-    def step(state: TrainState, batch: SFTBatch):
+    def step(state: TrainState, batch: SFTBatch, base=None):
         mask = batch.loss_mask * batch.example_mask[:, None]
         total_tokens = jnp.maximum(mask[:, 1:].sum(), 1).astype(jnp.float32)
 
         def micro_loss(params, mb: SFTBatch):
             m = mb.loss_mask * mb.example_mask[:, None]
+            params = params if base is None else nnx.merge_state(params, base)
             lp = forward_logps(graphdef, params, rest, mb.input_ids, mb.segment_ids, mb.positions, m,
                                right_padded=True, **chunks)
             nll = -lp.sums.sum() / total_tokens
@@ -396,7 +401,9 @@ def make_sft_step(graphdef, rest, optimizer, *, micro_batches: int = 1, seq_chun
                    "target_tokens": total_tokens}
         return new_state, metrics
 
-    return step
+    if base_graphdef is None:
+        return step
+    return lambda state, base, batch: step(state, batch, base)
 
 
 def jit_step(step: Callable, state_sharding, other_shardings: tuple, *, donate: bool = True):
