@@ -250,11 +250,12 @@ def _load_lora_run(meta: dict, run_dir: pathlib.Path, step: int | None, mesh, ru
     from jaxpref.training.adapters import rebuild
     from jaxpref.training.checkpoint import restore_params
 
-    bad = sorted(k for k in runtime if k not in RUNTIME_FIELDS)
+    config = models.ModelConfig.from_hf_config(meta["hf_config"])
+    bad = sorted(k for k, v in runtime.items() if k not in RUNTIME_FIELDS and getattr(config, k, None) != v)
     if bad:
         raise SpecError(f"model spec run:{run_dir}: the architecture of a run is fixed by its model.json; only "
                         f"{list(RUNTIME_FIELDS)} may differ, got {bad}")
-    model = rebuild(meta["lora"], mesh=mesh, runtime=runtime).model
+    model = rebuild(meta["lora"], mesh=mesh, runtime={k: v for k, v in runtime.items() if k in RUNTIME_FIELDS}).model
     gd, adapters, other = nnx.split(model, nnx.LoRAParam, ...)
     if mesh is None:
         target = single_device_target(adapters)

@@ -18,9 +18,10 @@ from jaxpref.training.loop import run_training
 
 LN2 = float(np.float32(np.log(2)))
 IDS = (np.arange(24).reshape(2, 12) * 11 + 3) % 512
-COMMON = ["data.limit=8", "data.max_length=32", "data.buckets=[32]", "train.batch_size=8", "logging.progress=false",
-          "logging.tensorboard=false", "train.seq_chunk=32", "train.vocab_chunk=256", "optim.lr=2e-2",
-          "lora={rank: 4, alpha: 8}", "train.steps=3", "checkpoint.async_save=false"]
+COMMON = ["model.overrides={vocab_size: 512}", "data.limit=8", "data.max_length=32", "data.buckets=[32]",
+          "train.batch_size=8", "logging.progress=false", "logging.tensorboard=false", "train.seq_chunk=32",
+          "train.vocab_chunk=256", "optim.lr=2e-2", "lora={rank: 4, alpha: 8}", "train.steps=3",
+          "checkpoint.async_save=false"]
 
 
 def losses(run_dir):
@@ -37,10 +38,9 @@ def runs(tmp_path_factory, shared_data):
     hh = shared_data / "hh_rlhf_helpful_base_test_2k.jsonl"
     run_training(load_config(RunConfig, None, [
         f"run_dir={tmp / 'sft'}", f"data.train={hh}", "model.source=preset:tiny_llama", "model.tokenizer=builtin",
-        "model.overrides={vocab_size: 512}", *COMMON]), kind="sft")
+        *COMMON]), kind="sft")
     run_training(load_config(RunConfig, None, [
-        f"run_dir={tmp / 'dpo'}", f"data.train={hh}", f"model.source=run:{tmp / 'sft'}", "model.overrides={}",
-        *COMMON]))
+        f"run_dir={tmp / 'dpo'}", f"data.train={hh}", f"model.source=run:{tmp / 'sft'}", *COMMON]))
     return tmp
 
 
