@@ -23,6 +23,12 @@ and, when the base is quantised (:func:`quantize`), ``W`` dequantised on the fly
 "Adapters off" is the graph of the model before :func:`attach` (:func:`split` returns it as
 ``base_graphdef``): the DPO reference is the base parameters run through that graph, no second tree.
 
+Why not ``qwix`` 0.1.8 (``apply_lora_to_model``): it creates adapters lazily inside a traced forward, which fails
+on a fresh jaxpref model (``TraceContextError: Cannot mutate RngCount``), intercepts only einsum / dot_general
+(after a plain forward it adapted q/k/v/o and the head, none of the MLP's ``x @ W``) and fails on stacked layers
+(``IndexError``); its adapters carry no logical axes. ``nnx.LoRA`` wraps ``nnx.Linear`` modules, which the
+shared transformer does not use, so this module puts flax's ``nnx.LoRAParam`` on the existing weights instead.
+
 QLoRA (Dettmers et al. 2023; ``lora.quantize``): :func:`quantize` stores the frozen projection weights as int8 /
 int4 with symmetric per-output-channel steps ``s_o = max_i |W[i, o]| / q_max`` (``q_max`` = 127 / 7) and
 integers ``q = clip(round(W / s), -q_max, q_max)``, so each weight is off by at most half a step,
