@@ -100,18 +100,15 @@ def metrics(run_dir):
 
 
 def test_unsupported_lora_settings_are_one_line_errors(tmp_path, hh):
-    for extra, match in [(["loss=[{name: sft}]"], None),
-                         (["train.eval_every=1", "data.eval_split=0.25", "reference.source=preset:tiny_llama"],
-                          "train.eval_every > 0 and reference.source"),
-                         (["reference.sync_every=2"], "reference.sync_every")]:
-        cfg = cfg_for(tmp_path / "x", hh, *extra)
-        if match is None:
-            with pytest.raises(RunError, match="train.preference only"):
-                run_training(cfg, kind="sft")
-        else:
-            with pytest.raises(RunError, match=match):
-                run_training(cfg)
-    assert not (tmp_path / "x" / "checkpoints").exists()
+    cases = [("reward", [], "lora is supported by train.preference and train.sft, not reward runs"),
+             ("sft", ["train.eval_every=1", "data.eval_split=0.25"], "supported by train.preference only, not sft"),
+             ("preference", ["train.eval_every=1", "data.eval_split=0.25", "reference.source=preset:tiny_llama"],
+              "train.eval_every > 0 and reference.source"),
+             ("preference", ["reference.sync_every=2"], "reference.sync_every")]
+    for kind, extra, match in cases:
+        with pytest.raises(RunError, match=match):
+            run_training(cfg_for(tmp_path / "x", hh, *extra), kind=kind)
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
 def test_lora_step_with_its_own_reference_equals_the_full_step():
