@@ -1,19 +1,21 @@
 """A tiny ``train.preference`` LoRA run with stacked layers (``model.scan_layers``), packed pairs and 2
 micro-batches: step 0's loss is exactly ln 2 and the loss falls; the checkpoint holds only the
 adapters and their optimizer moments and records the base it needs; ``run:`` rebuilds the base and restores the
-adapters, and with the adapters off it is the base bitwise; resuming from an earlier checkpoint ends bitwise
-equal to the uninterrupted run (the kill/resume path of ``tests/test_reliability.py``, in process). The run is the
+adapters, and with the adapters off it is the base bitwise; the README command SIGKILLed after an asynchronous
+checkpoint write and resumed ends bitwise equal to the uninterrupted run. The run is the
 README's LoRA command (``### LoRA and QLoRA``) with size limits appended."""
 
 import json
 import pathlib
 import shlex
-import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import xla_flags
 from flax import nnx
 
 from jaxpref import loading
@@ -98,15 +100,19 @@ def test_run_checkpoints_adapters_only_and_records_the_base(run):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_resume_from_an_earlier_checkpoint_is_bitwise(run, hh):
-    resumed = run / "resumed"
-    shutil.copytree(run / "run", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "3")
-    summary = run_training(cfg_for(resumed, hh), resume=True)
-    assert summary["resumed_from"] == 2
-    got = nnx.state(loading.load_model(f"run:{resumed}").model, nnx.LoRAParam)
+def test_readme_command_killed_and_resumed_is_bitwise(run, hh, subprocess_env):
+    """The README command itself as a subprocess (8 CPU devices, as here), SIGKILLed right after its asynchronous
+    step-2 checkpoint write started, then ``--resume``: adapters bitwise equal to the uninterrupted run's (the
+    pattern of ``tests/test_reliability.py``)."""
+    train = readme_lora_commands()[0]
+    env = {**subprocess_env, "XLA_FLAGS": xla_flags(8), "JAXPREF_FAULT_KILL_AFTER_SAVE_STEP": "2"}
+    killed = subprocess.run([sys.executable, *train[1:], f"run_dir={run / 'killed'}", f"data.train={hh}", *COMMON,
+                             "checkpoint.async_save=true"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL
+    summary = run_training(cfg_for(run / "killed", hh), resume=True)
+    assert summary["resumed_from"] in (1, 2) and summary["steps"] == 3
+    got = nnx.state(loading.load_model(f"run:{run / 'killed'}").model, nnx.LoRAParam)
     want = nnx.state(loading.load_model(f"run:{run / 'run'}").model, nnx.LoRAParam)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
