@@ -58,6 +58,8 @@ class ModelRunConfig:
         (:mod:`jaxpref.models.attention`).
       scan_layers: stack the layers' parameters on a leading ``layers`` axis and run them under
         ``lax.scan`` (compile time flat in depth; same numbers). Checkpoints convert between layouts.
+      adapter: a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) applied
+        on top of ``source`` (:mod:`jaxpref.models.lora_peft`); None = none.
     """
 
     source: str = "preset:tiny_llama"
@@ -69,6 +71,7 @@ class ModelRunConfig:
     remat_policy: str = "full"
     attention: str = "auto"
     scan_layers: bool = False
+    adapter: str | None = None
 
     def model_overrides(self) -> dict[str, Any]:
         """``overrides`` plus the rematerialisation, attention and layer-layout settings: what model loading
@@ -286,6 +289,39 @@ class ReferenceConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the policy (:mod:`jaxpref.models.lora`): only the adapters train, the base is frozen and
+    the DPO reference is the base with the adapters off (no second parameter tree). Enable with ``lora={}``
+    (defaults) or e.g. ``'lora={rank: 16, alpha: 32}'``.
+
+    Attributes:
+      rank: adapter rank r >= 1.
+      alpha: the update is ``alpha / rank * B A``.
+      dropout: dropout on the adapter input; only 0 is implemented.
+      targets: regex (``re.search``) over projection paths such as ``layers.0.attn.query_dnh`` or
+        ``layers.3.mlp.down_fd``; the default takes every attention and MLP projection.
+      quantize: ``int8`` or ``int4``: store the frozen base quantised (QLoRA, :func:`jaxpref.models.lora.quantize`);
+        None = as loaded.
+      seed: seeds the adapters' ``A`` init.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = r"(attn\.(query_dnh|key_dkh|value_dkh|out_nhd)|mlp\.(gate_df|up_df|down_fd))$"
+    quantize: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ConfigError(f"lora.rank={self.rank!r}: expected a positive integer")
+        if self.dropout != 0.0:
+            raise ConfigError(f"lora.dropout={self.dropout!r}: only 0 is implemented")
+        if not self.targets:
+            raise ConfigError("lora.targets is empty: expected a regex over parameter paths")
+
+
+@dataclass(frozen=True)
 class TrainLoopConfig:
     """Steps, batch sizes and cadence.
 
@@ -455,6 +491,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wro: WROConfig = field(default_factory=WROConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig | None = None
 
 
 _CHOICES = {
@@ -473,6 +510,7 @@ _CHOICES = {
     "wro.dataset_responses": ("chosen", "rejected", "both"),
     "wro.h": ("identity", "logit", "log"),
     "wro.kl_estimator": ("k1", "k2", "k3"),
+    "lora.quantize": ("int8", "int4"),
 }
 
 
@@ -578,6 +616,9 @@ def _apply_override(cfg, key: str, value):
     node = cfg
     for i, part in enumerate(parts[:-1]):  # a clear message for list indices past the end
         node = node[int(part)] if isinstance(node, ListConfig) and part.isdigit() else node.get(part)
+        if node is None:  # an unset optional section (lora, reference.samples)
+            raise ConfigError(f"{'.'.join(parts[:i + 1])} is not set: set the section itself, e.g. "
+                              f"{'.'.join(parts[:i + 1])}={{{parts[i + 1]}: ...}}")
         nxt = parts[i + 1]
         if isinstance(node, ListConfig) and nxt.isdigit() and int(nxt) >= len(node):
             raise ConfigError(f"index {nxt} is out of range ({'.'.join(parts[:i + 1])} has {len(node)} entries)")

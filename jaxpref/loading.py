@@ -129,8 +129,19 @@ def _split(spec: str) -> tuple[str, str]:
 
 
 def load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh=None, dtype: str | None = None,
-               param_dtype: str | None = None) -> LoadedModel:
-    """Builds or loads the model named by ``spec`` (module docstring)."""
+               param_dtype: str | None = None, adapter: str | None = None) -> LoadedModel:
+    """Builds or loads the model named by ``spec`` (module docstring); ``adapter``: a PEFT LoRA directory
+    attached on top (:func:`jaxpref.models.lora_peft.load_adapter`)."""
+    loaded = _load_model(spec, overrides=overrides, seed=seed, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+    if adapter is not None:
+        from jaxpref.models import lora_peft
+
+        lora_peft.load_adapter(loaded.model, adapter, base_spec=spec)
+    return loaded
+
+
+def _load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh=None, dtype: str | None = None,
+                param_dtype: str | None = None) -> LoadedModel:
     kind, rest = _split(spec)
     cfg_over = dict(overrides or {})
     if dtype:
@@ -208,6 +219,8 @@ def load_run_model(rest: str, mesh=None, **runtime) -> LoadedModel:
     if not meta_path.is_file():
         raise SpecError(f"run {run_dir}: no model.json (is this a jaxpref run directory?)")
     meta = json.loads(meta_path.read_text())
+    if "lora" in meta:
+        return _load_lora_run(meta, run_dir, step, mesh, runtime)
     config = models.ModelConfig.from_hf_config(meta["hf_config"])
     fixed = {k: v for k, v in runtime.items() if k not in RUNTIME_FIELDS}
     clash = {k: (v, getattr(config, k, None)) for k, v in fixed.items() if getattr(config, k, None) != v}
@@ -229,6 +242,29 @@ def load_run_model(rest: str, mesh=None, **runtime) -> LoadedModel:
         params = parallel.place_params(params, mesh)
     params, step = restore_params(run_dir / "checkpoints", params, step)
     return LoadedModel(nnx.merge(gd, params, other), f"run:{run_dir}@{step}", meta.get("tokenizer"))
+
+
+def _load_lora_run(meta: dict, run_dir: pathlib.Path, step: int | None, mesh, runtime: dict) -> LoadedModel:
+    """A LoRA run's policy: the recorded base (:func:`jaxpref.training.adapters.rebuild`) plus the checkpoint's
+    adapters (a LoRA checkpoint holds only those)."""
+    from jaxpref.training.adapters import rebuild
+    from jaxpref.training.checkpoint import restore_params
+
+    config = models.ModelConfig.from_hf_config(meta["hf_config"])
+    bad = sorted(k for k, v in runtime.items() if k not in RUNTIME_FIELDS and getattr(config, k, None) != v)
+    if bad:
+        raise SpecError(f"model spec run:{run_dir}: the architecture of a run is fixed by its model.json; only "
+                        f"{list(RUNTIME_FIELDS)} may differ, got {bad}")
+    model = rebuild(meta["lora"], mesh=mesh, runtime={k: v for k, v in runtime.items() if k in RUNTIME_FIELDS}).model
+    gd, adapters, other = nnx.split(model, nnx.LoRAParam, ...)
+    if mesh is None:
+        target = single_device_target(adapters)
+    else:
+        from jaxpref import parallel
+
+        target = parallel.place_params(adapters, mesh)
+    adapters, step = restore_params(run_dir / "checkpoints", target, step)
+    return LoadedModel(nnx.merge(gd, adapters, other), f"run:{run_dir}@{step}", meta.get("tokenizer"))
 
 
 def single_device_target(params):
@@ -360,7 +396,8 @@ def export_tokenizer(spec: str | None, out: str | pathlib.Path) -> str:
     return "saved"
 
 
-def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str | None = None) -> dict[str, Any]:
+def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str | None = None,
+              adapter: bool = False) -> dict[str, Any]:
     """Exports a run's policy (``RUN_DIR[@STEP]``) as a Hugging Face directory with its tokenizer.
 
     Args:
@@ -369,14 +406,34 @@ def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str | 
       out: output directory (created); ``transformers.AutoModelForCausalLM.from_pretrained``
         loads it.
       dtype: export dtype (default: the run's ``param_dtype``).
+      adapter: a LoRA run's adapters alone as a PEFT directory (:func:`jaxpref.models.lora_peft.save_adapter`)
+        instead of full weights; a LoRA run's full export has its adapters merged (``W + alpha / r * B A``).
 
     Returns:
       ``{"model": spec with the step, "out": path, "tokenizer": how it was exported}``.
     """
+    from jaxpref.models import lora
+
     rest = str(run).removeprefix("run:")
+    meta_path = parse_run_spec(rest)[0] / "model.json"
+    record = json.loads(meta_path.read_text()).get("lora") if meta_path.is_file() else None
+    if adapter and record is None and meta_path.is_file():
+        raise SpecError(f"--adapter: run {rest} was trained without a lora section: it has no adapters "
+                        "(export full weights without --adapter)")
     loaded = load_run_model(rest)
-    out = models.save_hf(loaded.model, out, dtype=dtype)
-    how = export_tokenizer(loaded.tokenizer_spec, out)
+    if adapter:
+        from jaxpref.models import lora_peft
+
+        base = record["base"]["source"]
+        out = lora_peft.save_adapter(loaded.model, out, base_name=base.removeprefix("hf:"))
+        info = {"model": loaded.spec, "out": str(out), "adapter": True, "base": base}
+    else:
+        model = lora.merged(loaded.model) if record is not None else loaded.model
+        out = models.save_hf(model, out, dtype=dtype)
+        info = {"model": loaded.spec, "out": str(out), "merged": record is not None}
+    info["tokenizer"] = export_tokenizer(loaded.tokenizer_spec, out)
     (out / "jaxpref_export.json").write_text(json.dumps({"source": loaded.spec, "tokenizer": loaded.tokenizer_spec,
-                                                         "dtype": dtype}, indent=2))
-    return {"model": loaded.spec, "out": str(out), "tokenizer": how}
+                                                         "dtype": dtype, **{k: info[k] for k in ("merged", "adapter",
+                                                                                                 "base") if k in info}},
+                                                        indent=2))
+    return info

@@ -40,6 +40,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("length", None),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters (jaxpref.models.lora): rank r is small, never split
 )
 
 

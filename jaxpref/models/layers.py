@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxpref.models.attention import MaskSpec, attend
 from jaxpref.models.config import ModelConfig
+from jaxpref.models.lora import project
 from jaxpref.parallel import logical_param
 
 F32 = jnp.float32
@@ -206,9 +207,9 @@ class Attention(nnx.Module):
           ([B, T, D] output, updated (k, v) buffers or None).
         """
         x = x_btd.astype(self.dtype)
-        q = jnp.einsum("btd,dnh->btnh", x, self.query_dnh[...].astype(self.dtype))
-        k = jnp.einsum("btd,dkh->btkh", x, self.key_dkh[...].astype(self.dtype))
-        v = jnp.einsum("btd,dkh->btkh", x, self.value_dkh[...].astype(self.dtype))
+        q = project(self, "query_dnh", "btd,dnh->btnh", x, self.dtype)
+        k = project(self, "key_dkh", "btd,dkh->btkh", x, self.dtype)
+        v = project(self, "value_dkh", "btd,dkh->btkh", x, self.dtype)
         if hasattr(self, "query_bias_nh"):
             q = q + self.query_bias_nh[...].astype(self.dtype)
             k = k + self.key_bias_kh[...].astype(self.dtype)
@@ -228,7 +229,7 @@ class Attention(nnx.Module):
             cache = (k_all, v_all)
             k, v = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
         o = attend(q, k, v, mask, self.backend, scale=self.scale)  # float32 scores and softmax inside
-        out = jnp.einsum("btnh,nhd->btd", o, self.out_nhd[...].astype(self.dtype))
+        out = project(self, "out_nhd", "btnh,nhd->btd", o, self.dtype)
         if hasattr(self, "out_bias_d"):
             out = out + self.out_bias_d[...].astype(self.dtype)
         return out, cache
@@ -253,11 +254,11 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dt, bias = self.dtype, hasattr(self, "down_bias_d")
-        gate = x_btd @ self.gate_df[...].astype(dt)
-        up = x_btd @ self.up_df[...].astype(dt)
+        gate = project(self, "gate_df", "...d,df->...f", x_btd, dt)
+        up = project(self, "up_df", "...d,df->...f", x_btd, dt)
         if bias:
             gate, up = gate + self.gate_bias_f[...].astype(dt), up + self.up_bias_f[...].astype(dt)
-        out = (self.act(gate) * up) @ self.down_fd[...].astype(dt)
+        out = project(self, "down_fd", "...f,fd->...d", self.act(gate) * up, dt)
         return out + self.down_bias_d[...].astype(dt) if bias else out
 
 
@@ -275,9 +276,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dt, bias = self.dtype, hasattr(self, "down_bias_d")
-        h = x_btd @ self.up_df[...].astype(dt)
+        h = project(self, "up_df", "...d,df->...f", x_btd, dt)
         h = self.act(h + self.up_bias_f[...].astype(dt) if bias else h)
-        out = h @ self.down_fd[...].astype(dt)
+        out = project(self, "down_fd", "...f,fd->...d", h, dt)
         return out + self.down_bias_d[...].astype(dt) if bias else out
 
 

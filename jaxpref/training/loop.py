@@ -50,8 +50,8 @@ from jaxpref.loading import (
     load_tokenizer,
     model_meta,
 )
+from jaxpref.training import adapters, eval_during, optim, reference, reference_samples
 from jaxpref.training import checkpoint as ckpt
-from jaxpref.training import eval_during, optim, reference, reference_samples
 from jaxpref.training import step as steplib
 from jaxpref.training.logging import AsyncMetrics, MetricsWriter, progress_bar
 from jaxpref.training.prefetch import Prefetcher
@@ -255,7 +255,7 @@ def setup_run(cfg: RunConfig, mesh, *, resume: bool, extra_meta: dict[str, Any] 
     # (_reference_params) is loaded in this one
     loaded = load_model(m.source, overrides={**m.model_overrides(), "scan_layers": m.scan_layers},
                         seed=cfg.train.seed, mesh=mesh,
-                        dtype=m.compute_dtype, param_dtype=m.param_dtype)
+                        dtype=m.compute_dtype, param_dtype=m.param_dtype, adapter=m.adapter)
     loaded.tokenizer_spec = m.tokenizer or loaded.tokenizer_spec
     if tokenizer is None:
         tokenizer = load_tokenizer(loaded.tokenizer_spec)
@@ -307,17 +307,27 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         check_reference(cfg, comp)
         sample_terms = _check_reference_samples(cfg, comp)
     _check_packing(cfg, kind, sample_terms)
+    adapters.check_supported(cfg, kind, sample_terms, RunError)
     setup = setup_run(cfg, mesh, resume=resume)
     run_dir, tokenizer, model_json = setup.run_dir, setup.tokenizer, setup.model_json
 
     datasets = load_datasets(cfg, tokenizer, run_dir, kind, resume=resume)
     data, data_summary = datasets.train, datasets.summary
     steps = total_steps(cfg, len(data))
-    graphdef, params, rest = steplib.split_model(setup.loaded.model)
+    lora_parts = None if cfg.lora is None else adapters.attach_for_run(cfg, setup, mesh)
+    if lora_parts is None:
+        graphdef, params, rest = steplib.split_model(setup.loaded.model)
+    else:  # only the adapters train (and are checkpointed); the frozen base is the step's ref_params
+        graphdef, params, rest = lora_parts["graphdef"], lora_parts["adapters"], lora_parts["rest"]
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
     state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
     ref_params, ref_cache = None, None
-    if kind == "preference" and cfg.reference.strategy != "none":
+    lora_ref = None  # LoRA with reference.source: (graphdef, params) of that reference
+    if lora_parts is not None:
+        ref_params = lora_parts["base"]
+        if kind == "preference" and cfg.reference.source is not None and cfg.reference.strategy != "none":
+            lora_ref = adapters.load_reference(cfg, mesh, setup.loaded.model.config.vocab_size, RunError)
+    elif kind == "preference" and cfg.reference.strategy != "none":
         ref_params = _reference_params(cfg, state.params, mesh)
     samples = None
     if sample_terms:  # drawn from the initial reference, before any checkpoint is restored
@@ -326,9 +336,11 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     syncing = kind == "preference" and cfg.reference.sync_every > 0  # live strategy (config check)
     evaluator = None
     if datasets.eval is not None and cfg.train.eval_every > 0:  # scores the initial policy (and reference) first
-        evaluator = make_evaluator(cfg, kind, datasets, graphdef, rest, mesh, comp=None if sample_terms else comp,
-                                   current_reference=(lambda: ref_params) if syncing else None, tokenizer=tokenizer,
-                                   steps=steps)
+        # LoRA: the frozen base travels with the non-trainable state, so the evaluator's merge is the LoRA model
+        eval_rest = rest if lora_parts is None else nnx.merge_state(lora_parts["base"], rest)
+        evaluator = make_evaluator(cfg, kind, datasets, graphdef, eval_rest, mesh,
+                                   comp=None if sample_terms else comp, tokenizer=tokenizer, steps=steps,
+                                   current_reference=(lambda: ref_params) if syncing else None)
         if kind == "preference":
             evaluator.prepare(run_dir, state.params, ref_params if cfg.reference.source else None, resume=resume)
     it = open_iterator(cfg, data, ref_samples=samples, packing=pack_spec(cfg, data, mesh),
@@ -338,10 +350,16 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         _check_syncable(cfg, ref_params, state.params)
         ref_params = _restore_synced_reference(cfg, checkpointer, ref_params, start)
     if kind == "preference" and cfg.reference.strategy == "precomputed":
-        ref_cache = _precompute(cfg, graphdef, rest, ref_params, data, mesh)
-        ref_params = None
+        ref_gd, ref_tree = (graphdef, ref_params) if lora_parts is None else \
+            lora_ref or (lora_parts["base_graphdef"], ref_params)  # LoRA: the base with the adapters off
+        ref_cache = _precompute(cfg, ref_gd, rest, ref_tree, data, mesh)
+        ref_params = None if lora_parts is None else ref_params
+    elif lora_ref is not None:  # a live reference of its own: the step takes (frozen base, reference)
+        ref_params = (lora_parts["base"], lora_ref[1])
 
-    fn = make_train_step(cfg, kind, graphdef, rest, optimizer, comp)
+    fn = make_train_step(cfg, kind, graphdef, rest, optimizer, comp,
+                         base_graphdef=None if lora_parts is None else lora_parts["base_graphdef"],
+                         reference_graphdef=lora_ref[0] if lora_ref is not None and ref_cache is None else None)
     state_sh = parallel.tree_shardings(state)
     ref_sh = None if ref_params is None else parallel.tree_shardings(ref_params)
 
@@ -360,7 +378,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         batch, rl = placed
         if kind == "preference":
             return jitted(batch)(state, ref_params, batch, rl)
-        return jitted(batch)(state, batch)
+        return jitted(batch)(state, batch) if lora_parts is None else jitted(batch)(state, ref_params, batch)
 
     after_step = None
     if syncing:  # built once, not per sync; the synced reference keeps its shardings
@@ -388,18 +406,22 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     return summary
 
 
-def make_train_step(cfg: RunConfig, kind: str, graphdef, rest, optimizer, comp=None) -> Callable:
+def make_train_step(cfg: RunConfig, kind: str, graphdef, rest, optimizer, comp=None, base_graphdef=None,
+                    reference_graphdef=None) -> Callable:
     """The step function a ``kind`` run trains with (``preference``: :func:`~jaxpref.training.step.make_preference_step`
     with the loss composition ``comp``; ``sft``: :func:`~jaxpref.training.step.make_sft_step`; ``reward``:
     :func:`jaxpref.reward_model.make_reward_step`), built from the config's train settings. The trainers
-    and the memory planner (:mod:`jaxpref.training.plan`) both build their step here."""
+    and the memory planner (:mod:`jaxpref.training.plan`) both build their step here. ``base_graphdef``: a LoRA
+    run's graph without adapters, ``reference_graphdef`` its own reference's graph
+    (:func:`~jaxpref.training.step.make_preference_step`)."""
     chunks = {"seq_chunk": cfg.train.seq_chunk, "vocab_chunk": cfg.train.vocab_chunk}
     common = {"micro_batches": cfg.train.micro_batches, "nan_policy": cfg.train.nan_policy}
     if kind == "preference":
         return steplib.make_preference_step(graphdef, rest, optimizer, comp, reference=cfg.reference.strategy,
+                                            base_graphdef=base_graphdef, reference_graphdef=reference_graphdef,
                                             **common, **chunks)
     if kind == "sft":
-        return steplib.make_sft_step(graphdef, rest, optimizer, **common, **chunks)
+        return steplib.make_sft_step(graphdef, rest, optimizer, base_graphdef=base_graphdef, **common, **chunks)
     if kind == "reward":
         from jaxpref.reward_model import make_reward_step
 
@@ -411,12 +433,12 @@ def jit_train_step(fn: Callable, kind: str, mesh, state_sh, batch, *, ref_sh=Non
     """``fn`` jitted for ``batch``'s shape (arrays or ``jax.ShapeDtypeStruct``) with the run's shardings: the
     state's ``state_sh``, the batch split over the mesh's ``batch`` axes; for ``preference`` also the
     reference params' ``ref_sh`` (None: no live reference) and, with ``ref_logps``, the precomputed
-    ``[B, 2]`` reference log-probs split like the batch."""
+    ``[B, 2]`` reference log-probs split like the batch; for a LoRA ``sft`` step ``ref_sh`` is its frozen base's."""
     batch_sh = jax.tree.map(lambda x: parallel.batch_sharding(mesh, len(np.shape(x))), batch)
     if kind == "preference":
         rl_sh = parallel.batch_sharding(mesh, 2) if ref_logps else None
         return steplib.jit_step(fn, state_sh, (ref_sh, batch_sh, rl_sh))
-    return steplib.jit_step(fn, state_sh, (batch_sh,))
+    return steplib.jit_step(fn, state_sh, (batch_sh,) if ref_sh is None else (ref_sh, batch_sh))
 
 
 def open_iterator(cfg: RunConfig, data, ref_samples=None, packing: data_packing.PackSpec | None = None,

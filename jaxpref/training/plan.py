@@ -121,6 +121,28 @@ def abstract_model(config: models.ModelConfig, kind: str) -> nnx.Module:
     return models.registry.abstract_model(config)
 
 
+def abstract_lora_model(config: models.ModelConfig, lc) -> tuple[nnx.Module, Any]:
+    """``(model, base_graphdef)`` of a LoRA run (``lora`` section): the abstract base, quantised when
+    ``lora.quantize`` says so, with its adapters attached, and the graph without them (no allocation)."""
+    from jaxpref.models import lora
+
+    def build(with_adapters: bool):
+        model = models.registry.model_class(config.family)(config, rngs=nnx.Rngs(0))
+        if lc.quantize:
+            lora.quantize(model, lc.quantize)
+        if with_adapters:
+            lora.attach(model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, seed=lc.seed)
+        return model
+
+    return nnx.eval_shape(lambda: build(True)), nnx.graphdef(nnx.eval_shape(lambda: build(False)))
+
+
+def _sharded(state, mesh):
+    """``state``'s leaves as ShapeDtypeStructs with the shardings their logical axes give on ``mesh``."""
+    flat = jax.tree.leaves(parallel.state_shardings(state, mesh))
+    return _with_shardings(state, jax.tree.unflatten(jax.tree.structure(state), flat))
+
+
 def _with_shardings(tree, shardings):
     """ShapeDtypeStructs of ``tree``'s leaves carrying the matching ``shardings`` leaves."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
@@ -130,11 +152,7 @@ def abstract_params(model: nnx.Module, mesh):
     """``(graphdef, params, rest)`` of an abstract model; params carry the shardings their logical axes
     give on ``mesh`` (what :func:`jaxpref.parallel.place_params` gives real ones)."""
     graphdef, params, rest = steplib.split_model(model)
-    shardings = parallel.state_shardings(params, mesh)
-    flat = jax.tree.leaves(shardings)
-    leaves, treedef = jax.tree.flatten(params)
-    sh_tree = jax.tree.unflatten(treedef, flat)
-    return graphdef, _with_shardings(params, sh_tree), rest
+    return graphdef, _sharded(params, mesh), rest
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -179,8 +197,9 @@ class Setup:
     config: models.ModelConfig
     fn: Callable
     state: Any  # TrainState of ShapeDtypeStruct (with shardings)
-    ref_params: Any  # None or params-like ShapeDtypeStructs
+    ref_params: Any  # None or params-like ShapeDtypeStructs (LoRA: the frozen base, whatever the reference)
     reference: str  # live / precomputed / none (preference), none otherwise
+    lora: bool = False
 
     @property
     def batch_devices(self) -> int:
@@ -203,12 +222,20 @@ def setup(cfg: RunConfig, kind: str, devices) -> Setup:
         raise PlanError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
     mesh = make_mesh(cfg, devices)
     config = model_config(cfg.model.source, _runtime(cfg))
-    model = abstract_model(config, kind)
-    graphdef, params, rest = abstract_params(model, mesh)
+    base_graphdef = base = None
+    if cfg.lora is not None:  # the adapters train; the frozen (quantised) base is the step's ref_params
+        from jaxpref.training.adapters import check_supported
+
+        check_supported(cfg, kind, (), PlanError)
+        model, base_graphdef = abstract_lora_model(config, cfg.lora)
+        graphdef, params, base, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+        params, base = _sharded(params, mesh), _sharded(base, mesh)
+    else:
+        graphdef, params, rest = abstract_params(abstract_model(config, kind), mesh)
     optimizer, _ = optim.make_optimizer(cfg.optim, max(cfg.train.steps, 1))
     state = jax.eval_shape(lambda p: steplib.init_state(p, optimizer, cfg.train.seed), params)
     state = _with_shardings(state, steplib.state_shardings(state, jax.tree.map(lambda x: x.sharding, params), mesh))
-    comp, reference, ref_params = None, "none", None
+    comp, reference, ref_params, ref_graphdef = None, "none", None, None
     if kind == "preference":
         comp = loop._composition(cfg)
         loop.check_reference(cfg, comp)
@@ -222,9 +249,14 @@ def setup(cfg: RunConfig, kind: str, devices) -> Setup:
             ref_params = params
             if cfg.reference.source is not None:
                 ref_cfg = model_config(cfg.reference.source, _runtime(cfg, reference=True))
-                ref_params = abstract_params(abstract_model(ref_cfg, kind), mesh)[1]
-    fn = loop.make_train_step(cfg, kind, graphdef, rest, optimizer, comp)
-    return Setup(cfg, kind, mesh, config, fn, state, ref_params, reference)
+                ref_graphdef, ref_params, _ = abstract_params(abstract_model(ref_cfg, kind), mesh)
+        if base is not None:  # LoRA: the frozen base, paired with a reference of its own
+            ref_params = (base, ref_params) if ref_graphdef is not None else base
+    elif base is not None:  # LoRA SFT: the step takes the frozen base
+        ref_params = base
+    fn = loop.make_train_step(cfg, kind, graphdef, rest, optimizer, comp, base_graphdef=base_graphdef,
+                              reference_graphdef=ref_graphdef if base is not None else None)
+    return Setup(cfg, kind, mesh, config, fn, state, ref_params, reference, lora=base is not None)
 
 
 def check_shape(s: Setup, batch_size: int, t: int) -> None:
@@ -248,14 +280,22 @@ def check_shape(s: Setup, batch_size: int, t: int) -> None:
 
 
 def per_device_bytes(tree) -> int:
-    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard per leaf)."""
-    return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard per leaf); 4-bit
+    integers (a QLoRA int4 base) count half a byte, as accelerators store them packed."""
+    return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * _itemsize(x.dtype) for x in jax.tree.leaves(tree)))
+
+
+def _itemsize(dtype) -> float:
+    return 0.5 if jnp.dtype(dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else jnp.dtype(dtype).itemsize
 
 
 def step_inputs(s: Setup, batch_size: int, t: int) -> tuple:
     """``(args, jitted)``: the abstract arguments of the step and the step jitted as the trainers jit it."""
     batch = abstract_batch(s.kind, s.cfg, batch_size, t, s.mesh)
     if s.kind != "preference":
+        if s.lora:  # LoRA SFT: step(state, base, batch)
+            return (s.state, s.ref_params, batch), loop.jit_train_step(s.fn, s.kind, s.mesh, _shardings(s.state),
+                                                                        batch, ref_sh=_shardings(s.ref_params))
         return (s.state, batch), loop.jit_train_step(s.fn, s.kind, s.mesh, _shardings(s.state), batch)
     rl = None
     if s.reference == "precomputed":
@@ -402,7 +442,7 @@ def plan(cfg: RunConfig, *, kind: str = "preference", devices=None, hbm: int | N
     b = cfg.train.batch_size
     check_shape(s, b, t)
     args, _ = step_inputs(s, b, t)
-    batch = args[2] if kind == "preference" else args[1]
+    batch = args[2] if kind == "preference" or s.lora else args[1]
     bytes_ = {"params": per_device_bytes(s.state.params), "optimizer": per_device_bytes(s.state.opt_state),
               "reference": per_device_bytes(s.ref_params) if s.ref_params is not None else 0,
               "batch": per_device_bytes(batch) + (per_device_bytes(args[3]) if kind == "preference" and
@@ -415,6 +455,9 @@ def plan(cfg: RunConfig, *, kind: str = "preference", devices=None, hbm: int | N
         "param_dtype": s.config.param_dtype, "compute_dtype": s.config.dtype,
         "optimizer": cfg.optim.name, "remat": s.config.remat and s.config.remat_policy,
         "attention": s.config.attention, "reference": s.reference,
+        **({"lora": {"rank": cfg.lora.rank, "quantize": cfg.lora.quantize, "targets": cfg.lora.targets,
+                     "trainable_params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(s.state.params)))}}
+           if s.lora else {}),
         "platform": devices[0].platform, "devices": len(devices), "mesh": dict(s.mesh.shape),
         "batch_size": b, "micro_batches": k, "micro_batch_per_device": b // k // dp, "seq_len": t,
         "bytes_per_device": bytes_, "compiled": compiled, "compile_s": round(seconds, 2),
@@ -454,14 +497,19 @@ def format_plan(p: dict[str, Any]) -> str:
     rows = [
         f"plan: {p['kind']} step of {p['model']} ({p['num_params']:,} parameters), {p['param_dtype']} params, "
         f"{p['compute_dtype']} compute, remat={p['remat'] or 'off'}, attention={p['attention']}, "
-        f"reference={p['reference']}, optimizer={p['optimizer']}",
+        f"reference={p['reference']}, optimizer={p['optimizer']}" + (
+            f", LoRA r={p['lora']['rank']} ({p['lora']['trainable_params']:,} trainable"
+            f"{', base ' + p['lora']['quantize'] if p['lora']['quantize'] else ''})" if "lora" in p else ""),
         f"mesh: {mesh} on {p['devices']} {p['platform']} devices; batch {p['batch_size']} in {p['micro_batches']} "
         f"micro-batches ({p['micro_batch_per_device']} rows per device), T={p['seq_len']}",
         "",
         f"{'per device':<42}{'bytes':>14}",
     ]
-    for label, value in (("parameters", b["params"]), ("optimizer state", b["optimizer"]),
-                         ("reference parameters", b["reference"]), ("batch", b["batch"]),
+    lora_run = "lora" in p
+    for label, value in (("adapters (trained)" if lora_run else "parameters", b["params"]),
+                         ("optimizer state", b["optimizer"]),
+                         ("frozen base (= reference)" if lora_run else "reference parameters", b["reference"]),
+                         ("batch", b["batch"]),
                          ("compiled arguments", c["argument"]), ("compiled outputs (donated: aliased)", c["output"]),
                          ("compiled temp", c["temp"]), ("peak (args + outputs - aliased + temp)", c["peak"])):
         rows.append(f"  {label:<40}{fmt_bytes(value):>14}")

@@ -267,6 +267,8 @@ def make_preference_step(
     vocab_chunk: int = 8192,
     nan_policy: str = "skip",
     bco_momentum: float = 0.0,
+    base_graphdef=None,
+    reference_graphdef=None,
 ) -> Callable:
     """Builds ``step(state, ref_params, batch, ref_logps) -> (state, metrics)``.
 
@@ -281,6 +283,12 @@ def make_preference_step(
         non-finite (counted in ``state.skipped``); ``stop`` applies nothing special here (the
         loop stops on ``metrics['nonfinite']``).
       bco_momentum: unused unless a ``bco_pair`` term is present (running mean of its rewards).
+      base_graphdef: LoRA (:mod:`jaxpref.models.lora`): the graph of the model without adapters. Then
+        ``state.params`` holds the adapters alone, ``ref_params`` the frozen base (passed whatever the
+        reference strategy, never donated nor differentiated), the policy is ``graphdef`` over both and a
+        ``live`` reference is ``base_graphdef`` over the base: the base with the adapters off.
+      reference_graphdef: LoRA with a ``live`` reference of its own (``reference.source``): its graph; then
+        ``ref_params`` is the pair ``(frozen base, reference params)``.
 
     ``batch`` may be a padded :class:`~jaxpref.types.PairBatch` or a
     :class:`~jaxpref.types.PackedPairBatch` (``data.packing``; same losses and gradients, see
@@ -296,6 +304,8 @@ def make_preference_step(
     uses_ref = reference != "none"
     bco_keys = [t.key for t in composition.terms if t.name == "bco_pair"]
     sample_terms = needs_reference_samples(composition)
+    ref_graphdef = reference_graphdef or (graphdef if base_graphdef is None else base_graphdef)
+    own_reference = base_graphdef is not None and reference_graphdef is not None
 
     def step(state: TrainState, ref_params, batch: PairBatch | PackedPairBatch, ref_logps):
         packed = isinstance(batch, PackedPairBatch)
@@ -312,13 +322,16 @@ def make_preference_step(
         n_valid = jnp.maximum(batch.example_mask.sum(), 1).astype(jnp.float32)
 
         def micro_loss(params, mb: PairBatch, mb_ref):
+            frozen, ref_tree = ref_params if own_reference else (ref_params, ref_params)
+            if base_graphdef is not None:  # LoRA: adapters (differentiated) + the frozen base
+                params = nnx.merge_state(params, frozen)
             with jax.named_scope("policy"):
                 sums, counts = batch_pair_logps(graphdef, params, rest, mb, num_segments=n_seg, **chunks)
             ref_sums = None
             if reference == "live":
                 with jax.named_scope("reference"):
                     ref_sums = jax.lax.stop_gradient(
-                        batch_pair_logps(graphdef, ref_params, rest, mb, num_segments=n_seg, **chunks)[0])
+                        batch_pair_logps(ref_graphdef, ref_tree, rest, mb, num_segments=n_seg, **chunks)[0])
             elif reference == "precomputed":
                 ref_sums = mb_ref
             samples = None
@@ -362,16 +375,21 @@ def _masked_sum(x, mask):
 
 
 def make_sft_step(graphdef, rest, optimizer, *, micro_batches: int = 1, seq_chunk: int = 128,
-                  vocab_chunk: int = 8192, nan_policy: str = "skip") -> Callable:
-    """Builds ``step(state, batch: SFTBatch) -> (state, metrics)``: token-mean NLL of responses."""
+                  vocab_chunk: int = 8192, nan_policy: str = "skip", base_graphdef=None) -> Callable:
+    """Builds ``step(state, batch: SFTBatch) -> (state, metrics)``: token-mean NLL of responses.
+
+    With ``base_graphdef`` (LoRA, see :func:`make_preference_step`) it is ``step(state, base, batch)``:
+    ``state.params`` are the adapters, ``base`` the frozen (non-donated, undifferentiated) base parameters.
+    """
     chunks = {"seq_chunk": seq_chunk, "vocab_chunk": vocab_chunk}
 
-    def step(state: TrainState, batch: SFTBatch):
+    def step(state: TrainState, batch: SFTBatch, base=None):
         mask = batch.loss_mask * batch.example_mask[:, None]
         total_tokens = jnp.maximum(mask[:, 1:].sum(), 1).astype(jnp.float32)
 
         def micro_loss(params, mb: SFTBatch):
             m = mb.loss_mask * mb.example_mask[:, None]
+            params = params if base is None else nnx.merge_state(params, base)
             lp = forward_logps(graphdef, params, rest, mb.input_ids, mb.segment_ids, mb.positions, m,
                                right_padded=True, **chunks)
             nll = -lp.sums.sum() / total_tokens
@@ -383,7 +401,9 @@ def make_sft_step(graphdef, rest, optimizer, *, micro_batches: int = 1, seq_chun
                    "target_tokens": total_tokens}
         return new_state, metrics
 
-    return step
+    if base_graphdef is None:
+        return step
+    return lambda state, base, batch: step(state, batch, base)
 
 
 def jit_step(step: Callable, state_sharding, other_shardings: tuple, *, donate: bool = True):
