@@ -10,7 +10,8 @@ EOS, at most ``max_length`` tokens, sigmoid DPO (beta 0.1) with a live frozen re
 * jaxpref: the real trainer, ``python -m train.preference`` with ``configs/smollm2_dpo.yaml`` and overrides (the
   run's ``summary.json`` gives time to the first step, compile time and steady-state real tokens/s), once per
   data layout: ``padded`` (``[2B, T]`` buckets), ``packed`` (``data.packing``), ``shared`` (packing + shared-prompt
-  rows, ``data.share_prompt``). The persistent compilation cache is off: compiles are measured, not loaded.
+  rows, ``data.share_prompt``), ``shared_scan`` (the same with ``model.scan_layers``). Every pair trains
+  (``data.eval_split=0``). The persistent compilation cache is off: compiles are measured, not loaded.
 * TRL: ``DPOTrainer`` on the token ids jaxpref produced (its own tokenisation skipped), weights exported by
   jaxpref (``save_hf``) and read by ``transformers``, ``ref_model`` a deep copy, its default padding collator.
   Time to the first step and the steady per-step times come from ``on_step_end`` callbacks (no compile in torch).
@@ -37,8 +38,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import _common  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hh_rlhf_helpful_base_test_2k.jsonl"
-LAYOUTS = {"padded": [], "packed": ["data.packing=true", "data.share_prompt=false"],
-           "shared": ["data.packing=true", "data.share_prompt=true"]}
+LAYOUTS = {"padded": ["data.packing=false", "data.share_prompt=false", "model.scan_layers=false"],
+           "packed": ["data.packing=true", "data.share_prompt=false", "model.scan_layers=false"],
+           "shared": ["data.packing=true", "data.share_prompt=true", "model.scan_layers=false"],
+           "shared_scan": ["data.packing=true", "data.share_prompt=true", "model.scan_layers=true"]}
 
 
 def subset(path: pathlib.Path, start: int, n: int, out: pathlib.Path) -> None:
@@ -52,7 +55,8 @@ def run_jax(args, data: pathlib.Path, layout: str, work: pathlib.Path) -> dict:
            f"run_dir={run_dir}", f"data.train={data}", f"data.max_length={args.max_length}",
            f"data.buckets=[{args.max_length // 2},{args.max_length}]", "data.chat_template=false", "data.add_eos=false",
            f"train.steps={args.steps}", f"train.batch_size={args.batch}", "train.micro_batches=1",
-           "reference.strategy=live", "optim.warmup_steps=0", "train.eval_every=0", *LAYOUTS[layout]]
+           "reference.strategy=live", "optim.warmup_steps=0", "train.eval_every=0", "data.eval_split=0",
+           "checkpoint.every=0", "logging.progress=false", *LAYOUTS[layout]]
     env = {**os.environ, "JAXPREF_COMPILATION_CACHE": "off", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -123,7 +127,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="pairs per step")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps (one epoch of batch * steps pairs)")
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--layouts", default="padded,packed,shared", help=f"comma list of {list(LAYOUTS)}")
+    p.add_argument("--layouts", default="padded,packed,shared,shared_scan", help=f"comma list of {list(LAYOUTS)}")
     p.add_argument("--frameworks", default="jax,trl")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/dpo_real_vs_trl.json)")
     args = p.parse_args()
