@@ -222,6 +222,8 @@ class ScoreStats:
       sequence_tokens: prompt + response tokens of the scored sequences (each prompt counted twice, what
         a per-sequence loop computes); ``tokens_per_s`` is in these units, so layouts compare directly.
       share_prompt: each prompt was computed once per pair.
+      head_tokens: positions the LM head ran on (packed: the predicting positions, padded to one size per
+        dataset; padded layout: every position, None).
     """
 
     layout: str
@@ -234,6 +236,7 @@ class ScoreStats:
     computed_tokens: int
     sequence_tokens: int | None = None
     share_prompt: bool = False
+    head_tokens: int | None = None
 
     def to_json(self) -> dict:
         steady = max(self.wall_s - self.compile_s, 1e-9)
@@ -243,7 +246,8 @@ class ScoreStats:
                 "wall_s": round(self.wall_s, 3), "steady_s": round(steady, 3),
                 "tokens_per_s": round(seq_tokens / steady, 1), "sequence_tokens": seq_tokens,
                 "real_tokens": self.real_tokens, "computed_tokens": self.computed_tokens,
-                "real_token_fraction": round(self.real_tokens / max(self.computed_tokens, 1), 4)}
+                "real_token_fraction": round(self.real_tokens / max(self.computed_tokens, 1), 4),
+                "head_tokens": self.computed_tokens if self.head_tokens is None else self.head_tokens}
 
 
 def _last_predictor(hidden: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -273,18 +277,42 @@ def _score_batch(graphdef, params, rest, batch: PairBatch, *, with_hidden: bool,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_segments", "seq_chunk", "vocab_chunk"))
-def _score_packed(graphdef, params, rest, ids, mask, segments, positions, branches=None, *, num_segments: int,
+def _score_packed(graphdef, params, rest, ids, segments, positions, branches, gather, *, num_segments: int,
                   seq_chunk: int, vocab_chunk: int):
     """``(sums, counts)`` [num_segments] of the segments of packed rows ``[R, T]`` (segment 0 = padding);
-    with ``branches`` (shared-prompt rows) per sequence id :func:`jaxpref.logprobs.pair_sequence_ids`."""
+    with ``branches`` (shared-prompt rows; else None) per sequence id :func:`jaxpref.logprobs.pair_sequence_ids`.
+    The LM head runs only on the predicting positions ``gather`` (:func:`jaxpref.logprobs.predictor_index`)."""
     model = nnx.merge(graphdef, params, rest)
     branch = {} if branches is None else {"branch_ids": branches}
     hidden = model(ids, positions=positions, segment_ids=segments, **branch).hidden
     matrix, layout = model.unembedding()
-    lp = logprobs.segment_logprobs(hidden, matrix, ids, mask, segments, branches, num_segments=num_segments,
-                                   layout=layout, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk,
-                                   softcap=model.config.final_logit_softcap)
-    return lp.sums, lp.counts
+    return logprobs.gathered_target_logprobs(hidden, matrix, *gather, num_segments=num_segments, layout=layout,
+                                             seq_chunk=seq_chunk, vocab_chunk=vocab_chunk,
+                                             softcap=model.config.final_logit_softcap)
+
+
+def _head_gathers(packed, seq_chunk: int) -> tuple[list[tuple[np.ndarray, ...]], int]:
+    """Per batch :func:`jaxpref.logprobs.predictor_index` arrays and the positions per LM-head step.
+
+    The size ``K`` is one per batch shape (no new shapes): the most targets in a batch of that many rows,
+    rounded up to a multiple of ``seq_chunk``. A step takes ``seq_chunk`` times the largest divisor of
+    ``K / seq_chunk`` up to ``rows_per_batch`` positions, at most the full-position pass's ``[R, seq_chunk]``
+    (same memory), without padding ``K``.
+    """
+    masks = [logprobs.segment_target_mask(packed.batch(k)[1], packed.batch(k)[2], packed.branches(k))
+             for k in range(packed.num_batches)]
+    most: dict[int, int] = {}
+    for k, m in enumerate(masks):
+        most[packed.batch_rows(k)] = max(most.get(packed.batch_rows(k), 1), int(m.sum()))
+    size = {rows: -(-n // seq_chunk) * seq_chunk for rows, n in most.items()}
+    steps = size[packed.batch_rows(0)] // seq_chunk
+    group = max(g for g in range(1, min(steps, packed.rows_per_batch) + 1) if steps % g == 0)
+    gathers = []
+    for k in range(packed.num_batches):
+        ids, mask, segments, _ = packed.batch(k)
+        gathers.append(logprobs.predictor_index(ids, mask, segments, packed.branches(k),
+                                                size=size[packed.batch_rows(k)]))
+    return gathers, group * seq_chunk
 
 
 MIN_REAL_FRACTION = 0.9
@@ -367,22 +395,24 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
     lh = np.zeros((n, 2, d), np.float32) if with_hidden else None
     shapes: list[tuple[int, int]] = []
     computed = 0
+    head = None
     start = time.perf_counter()
     with CompileWatch() as watch:
         if packing:
             packed = _pack_for_scoring(pairs, batch_size, _batch_multiple(mesh), share_prompt)
             seg_sums = np.zeros((packed.num_batches, packed.num_segments), np.float32)
             seg_counts = np.zeros_like(seg_sums)
+            gathers, head_chunk = _head_gathers(packed, seq_chunk)
+            head = sum(len(g[0]) for g in gathers)
             bar = progress_bar(packed.num_batches, enabled=progress, desc=desc)
             try:
                 for k in range(packed.num_batches):
-                    arrays = packed.batch(k)
-                    if share_prompt:
-                        arrays = (*arrays, packed.branches(k))
+                    ids, _, segments, positions = packed.batch(k)
+                    arrays = (ids, segments, positions, packed.branches(k))
                     if mesh is not None:
                         arrays = parallel.shard_batch(arrays, mesh)
-                    out = _score_packed(graphdef, params, rest, *arrays, num_segments=packed.num_segments,
-                                        seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+                    out = _score_packed(graphdef, params, rest, *arrays, gathers[k], num_segments=packed.num_segments,
+                                        seq_chunk=head_chunk, vocab_chunk=vocab_chunk)
                     seg_sums[k], seg_counts[k] = jax.device_get(out)
                     shapes.append(tuple(arrays[0].shape))
                     computed += arrays[0].size
@@ -412,7 +442,8 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
     stats = ScoreStats(layout="packed" if packing else "padded", shapes=sorted(set(shapes)),
                        compiles=watch.compiles, cache_loads=watch.cache_loads, compile_s=watch.seconds,
                        wall_s=time.perf_counter() - start, real_tokens=int(real), computed_tokens=int(computed),
-                       sequence_tokens=int(pairs.lengths().sum()) if n else 0, share_prompt=bool(share_prompt))
+                       sequence_tokens=int(pairs.lengths().sum()) if n else 0, share_prompt=bool(share_prompt),
+                       head_tokens=head)
     log.info("%s: %d pairs, %s layout%s, %d shape(s) %s, %d compile(s) + %d cache load(s) in %.1f s, %.0f tokens/s, "
              "real/computed tokens %.3f", desc, n, stats.layout, " (shared prompts)" if share_prompt else "",
              len(stats.shapes), stats.shapes, stats.compiles,
