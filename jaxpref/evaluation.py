@@ -291,28 +291,22 @@ def _score_packed(graphdef, params, rest, ids, segments, positions, branches, ga
                                              softcap=model.config.final_logit_softcap)
 
 
-def _head_gathers(packed, seq_chunk: int) -> tuple[list[tuple[np.ndarray, ...]], int]:
-    """Per batch :func:`jaxpref.logprobs.predictor_index` arrays and the positions per LM-head step.
-
-    The size ``K`` is one per batch shape (no new shapes): the most targets in a batch of that many rows,
-    rounded up to a multiple of ``seq_chunk``. A step takes ``seq_chunk`` times the largest divisor of
-    ``K / seq_chunk`` up to ``rows_per_batch`` positions, at most the full-position pass's ``[R, seq_chunk]``
-    (same memory), without padding ``K``.
-    """
-    masks = [logprobs.segment_target_mask(packed.batch(k)[1], packed.batch(k)[2], packed.branches(k))
-             for k in range(packed.num_batches)]
+def _head_gathers(packed, seq_chunk: int) -> list[tuple[np.ndarray, ...]]:
+    """Per batch :func:`jaxpref.logprobs.predictor_index` arrays. Their size ``K`` is one per batch shape
+    (no new shapes): the most targets in a batch of that many rows, rounded up to a multiple of
+    ``seq_chunk``; the LM head stops after each batch's own last target chunk."""
     most: dict[int, int] = {}
-    for k, m in enumerate(masks):
-        most[packed.batch_rows(k)] = max(most.get(packed.batch_rows(k), 1), int(m.sum()))
+    for k in range(packed.num_batches):
+        _, mask, segments, _ = packed.batch(k)
+        n = int(logprobs.segment_target_mask(mask, segments, packed.branches(k)).sum())
+        most[packed.batch_rows(k)] = max(most.get(packed.batch_rows(k), 1), n)
     size = {rows: -(-n // seq_chunk) * seq_chunk for rows, n in most.items()}
-    steps = size[packed.batch_rows(0)] // seq_chunk
-    group = max(g for g in range(1, min(steps, packed.rows_per_batch) + 1) if steps % g == 0)
     gathers = []
     for k in range(packed.num_batches):
         ids, mask, segments, _ = packed.batch(k)
         gathers.append(logprobs.predictor_index(ids, mask, segments, packed.branches(k),
                                                 size=size[packed.batch_rows(k)]))
-    return gathers, group * seq_chunk
+    return gathers
 
 
 MIN_REAL_FRACTION = 0.9
@@ -402,8 +396,8 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
             packed = _pack_for_scoring(pairs, batch_size, _batch_multiple(mesh), share_prompt)
             seg_sums = np.zeros((packed.num_batches, packed.num_segments), np.float32)
             seg_counts = np.zeros_like(seg_sums)
-            gathers, head_chunk = _head_gathers(packed, seq_chunk)
-            head = sum(len(g[0]) for g in gathers)
+            gathers = _head_gathers(packed, seq_chunk)
+            head = sum(-(-int(g[3].sum()) // seq_chunk) * seq_chunk for g in gathers)  # chunks the head ran
             bar = progress_bar(packed.num_batches, enabled=progress, desc=desc)
             try:
                 for k in range(packed.num_batches):
@@ -412,7 +406,7 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
                     if mesh is not None:
                         arrays = parallel.shard_batch(arrays, mesh)
                     out = _score_packed(graphdef, params, rest, *arrays, gathers[k], num_segments=packed.num_segments,
-                                        seq_chunk=head_chunk, vocab_chunk=vocab_chunk)
+                                        seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
                     seg_sums[k], seg_counts[k] = jax.device_get(out)
                     shapes.append(tuple(arrays[0].shape))
                     computed += arrays[0].size

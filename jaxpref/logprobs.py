@@ -462,12 +462,15 @@ def gathered_target_logprobs(
     vocab_chunk: int = 8192,
     softcap: float | None = None,
 ) -> tuple[Array, Array]:
-    """Per-sequence ``(sums, counts)`` [num_segments] from the predicting positions only.
+    """Per-sequence ``(sums, counts)`` [num_segments] from the predicting positions only (forward only).
 
     :func:`segment_logprobs` runs the LM head on every position of ``[R, T]``; only the ``K`` states that
-    predict a target (from :func:`predictor_index`) are needed, so they are gathered into ``[K, D]`` first
-    and the chunked log-prob (:func:`_target_logps`, ``seq_chunk`` positions per step) runs on those. Each
-    target's log-prob is the same expression as there, so the sums agree to float32 reassociation.
+    predict a target (from :func:`predictor_index`, targets first, padding last) are needed, so they are
+    gathered into ``[K, D]`` and the chunked log-prob (:func:`_lse_and_target`, the expression of
+    :func:`_target_logps`) runs on chunks of ``seq_chunk`` of them. The loop stops after the last chunk
+    that holds a target (a ``fori_loop`` with a traced bound), so ``K`` can be sized for the fullest
+    batch (one shape) while each batch pays for its own targets only. Each target's log-prob is the same
+    expression on the same state as there, so the sums agree to float32 reassociation.
 
     Args:
       hidden: [R, T, D] final hidden states.
@@ -475,18 +478,28 @@ def gathered_target_logprobs(
       predict_index: [K] int flat index ``r * T + t`` of each predicting state.
       target_ids: [K] int token each one predicts.
       sequence_ids: [K] int output slot of each target (entries >= ``num_segments`` are dropped).
-      weights: [K] float 1 for a target, 0 for padding.
-      num_segments, layout, seq_chunk, vocab_chunk, softcap: as for :func:`segment_logprobs`; ``seq_chunk``
-        should divide ``K`` (else the last step is zero-padded).
+      weights: [K] float 1 for a target, 0 for padding (all padding after the last target).
+      num_segments, layout, vocab_chunk, softcap: as for :func:`segment_logprobs`.
+      seq_chunk: gathered positions per LM-head step (``K`` is zero-padded to a multiple).
 
     Returns:
       ``(sums, counts)``, each [num_segments] float32.
     """
     _check_layout(layout)
     k = predict_index.shape[0]
-    h = hidden.reshape(-1, hidden.shape[-1])[predict_index][None]  # [1, K, D]
-    logp = _target_logps(h, unembedding, target_ids.astype(jnp.int32)[None], layout, max(1, min(seq_chunk, k)),
-                         vocab_chunk, softcap)[0]
+    chunk = max(1, min(seq_chunk, k))
+    h = _pad_to(hidden.reshape(-1, hidden.shape[-1])[predict_index], 0, chunk)  # [K', D]
+    targets = _pad_to(target_ids.astype(jnp.int32), 0, chunk)
+    n_c = h.shape[0] // chunk
+    h, targets = h.reshape(n_c, 1, chunk, -1), targets.reshape(n_c, 1, chunk)
     w = weights.astype(jnp.float32)
+    last = jnp.max(jnp.where(w > 0, jnp.arange(k), -1))  # the last target's entry
+    steps = (last + chunk) // chunk  # chunks up to and including it
+
+    def body(i, out):
+        lse, tgt_logit = _lse_and_target(h[i], unembedding, layout, targets[i], vocab_chunk, softcap)  # [1, C]
+        return out.at[i].set(tgt_logit[0] - lse[0])
+
+    logp = jax.lax.fori_loop(0, steps, body, jnp.zeros((n_c, chunk), jnp.float32)).reshape(-1)[:k]
     sums = jax.ops.segment_sum(jnp.where(w > 0, w * logp, 0.0), sequence_ids, num_segments)
     return sums, jax.ops.segment_sum(w, sequence_ids, num_segments)
