@@ -222,8 +222,8 @@ class ScoreStats:
       sequence_tokens: prompt + response tokens of the scored sequences (each prompt counted twice, what
         a per-sequence loop computes); ``tokens_per_s`` is in these units, so layouts compare directly.
       share_prompt: each prompt was computed once per pair.
-      head_tokens: positions the LM head ran on (packed: the predicting positions, padded to one size per
-        dataset; padded layout: every position, None).
+      head_tokens: positions the LM head ran on: the predicting positions, in whole chunks of ``seq_chunk``
+        per batch (None: every position).
     """
 
     layout: str
@@ -259,16 +259,24 @@ def _last_predictor(hidden: jax.Array, loss_mask: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "with_hidden", "seq_chunk", "vocab_chunk"))
-def _score_batch(graphdef, params, rest, batch: PairBatch, *, with_hidden: bool, seq_chunk: int, vocab_chunk: int):
+def _score_batch(graphdef, params, rest, batch: PairBatch, gather=None, *, with_hidden: bool, seq_chunk: int,
+                 vocab_chunk: int):
+    """Padded ``[B, 2, T]`` pairs; the LM head on every position, or with ``gather`` (:func:`_row_gather`) on
+    the predicting positions only."""
     b, two, t = batch.input_ids.shape
     flat = lambda x: x.reshape(b * two, t)
     model = nnx.merge(graphdef, params, rest)
     ids, mask = flat(batch.input_ids), flat(batch.loss_mask)
     hidden = model(ids, positions=flat(batch.positions), segment_ids=flat(batch.segment_ids), right_padded=True).hidden
     matrix, layout = model.unembedding()
-    lp = logprobs.sequence_logprobs(hidden, matrix, ids, mask, layout=layout, seq_chunk=seq_chunk,
-                                    vocab_chunk=vocab_chunk, softcap=model.config.final_logit_softcap)
-    out = {"sums": lp.sums.reshape(b, two), "counts": lp.counts.reshape(b, two)}
+    kw = dict(layout=layout, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk, softcap=model.config.final_logit_softcap)
+    if gather is None:
+        lp = logprobs.sequence_logprobs(hidden, matrix, ids, mask, **kw)
+        sums, counts = lp.sums, lp.counts
+    else:
+        sums, counts = logprobs.gathered_target_logprobs(hidden, matrix, *gather, num_segments=b * two + 1, **kw)
+        sums, counts = sums[1:], counts[1:]
+    out = {"sums": sums.reshape(b, two), "counts": counts.reshape(b, two)}
     if with_hidden:
         sums, _ = logprobs.masked_hidden_sums(hidden, mask)
         out["hidden_sums"] = sums.reshape(b, two, -1)
@@ -307,6 +315,15 @@ def _head_gathers(packed, seq_chunk: int) -> list[tuple[np.ndarray, ...]]:
         gathers.append(logprobs.predictor_index(ids, mask, segments, packed.branches(k),
                                                 size=size[packed.batch_rows(k)]))
     return gathers
+
+
+def _row_gather(batch: PairBatch) -> tuple[np.ndarray, ...]:
+    """:func:`jaxpref.logprobs.predictor_index` of a padded batch, row ``i`` of ``[2B, T]`` as sequence
+    ``i + 1``, sized ``2B * T`` (one size per bucket shape; the LM head stops after the last target)."""
+    ids, mask, seg = (np.asarray(jax.device_get(x)).reshape(-1, x.shape[-1])
+                      for x in (batch.input_ids, batch.loss_mask, batch.segment_ids))
+    rows = np.where(seg != 0, np.arange(1, len(seg) + 1, dtype=np.int32)[:, None], 0)
+    return logprobs.predictor_index(ids, mask, rows, size=ids.size)
 
 
 MIN_REAL_FRACTION = 0.9
@@ -419,8 +436,12 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
             b = batch_size + (-batch_size) % _batch_multiple(mesh)
             bar = progress_bar(math.ceil(n / b), enabled=progress, desc=desc)
             try:
+                head = 0
                 for idx, batch in iterate_pair_batches(pairs, batch_size=batch_size, buckets=buckets, mesh=mesh):
-                    out = jax.device_get(_score_batch(graphdef, params, rest, batch, with_hidden=with_hidden,
+                    gather = _row_gather(batch)
+                    used = None if gather is None else int(gather[3].sum())  # None: every position
+                    head += batch.input_ids.size if used is None else -(-used // seq_chunk) * seq_chunk
+                    out = jax.device_get(_score_batch(graphdef, params, rest, batch, gather, with_hidden=with_hidden,
                                                       seq_chunk=seq_chunk, vocab_chunk=vocab_chunk))
                     k = len(idx)
                     sums[idx], counts[idx] = out["sums"][:k], out["counts"][:k]

@@ -52,11 +52,20 @@ def test_pack_sequences_places_every_token_once(hh_pairs):
     assert packed.efficiency() == lengths.sum() / packed.computed_tokens()
 
 
-def test_packed_scores_equal_padded_scores_per_example(model, hh_pairs):
-    """Packed (separate sequences) and packed shared-prompt rows (the default) both equal the padded layout."""
+def test_packed_scores_equal_padded_scores_per_example(model, hh_pairs, monkeypatch):
+    """Packed (separate sequences) and packed shared-prompt rows (the default) both equal the padded layout,
+    all three with the LM head on the predicting positions only, and those equal the padded layout with the
+    head on every position."""
     padded = ev.score_pairs(model, hh_pairs, batch_size=8, packing=False, progress=False)
     packed = ev.score_pairs(model, hh_pairs, batch_size=8, share_prompt=False, progress=False)
     shared = ev.score_pairs(model, hh_pairs, batch_size=8, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(ev, "_row_gather", lambda batch: None)  # the full-position head (sequence_logprobs)
+        full = ev.score_pairs(model, hh_pairs, batch_size=8, packing=False, progress=False)
+    assert full.stats.to_json()["head_tokens"] == full.stats.computed_tokens
+    for got in (packed, shared, padded):
+        np.testing.assert_array_equal(got.counts, full.counts)
+        np.testing.assert_allclose(got.sums, full.sums, rtol=1e-5, atol=0)  # the tolerance of the next check
     for got in (packed, shared):
         np.testing.assert_array_equal(got.counts, padded.counts)
         # float32: each token's log-prob is the same sum of the same terms in every layout (masked attention
@@ -71,10 +80,9 @@ def test_packed_scores_equal_padded_scores_per_example(model, hh_pairs):
     assert shared.stats.real_tokens == seq_tokens - prompts and shared.stats.sequence_tokens == seq_tokens
     assert packed.stats.to_json()["real_token_fraction"] > padded.stats.to_json()["real_token_fraction"]
     assert shared.stats.computed_tokens < packed.stats.computed_tokens
-    for got in (packed, shared):  # the LM head ran on the predicting positions only, one size per batch
+    for got in (packed, shared, padded):  # the LM head ran on the predicting positions only, in whole chunks
         head = got.stats.to_json()["head_tokens"]
         assert got.counts.sum() <= head < got.stats.computed_tokens and head % 128 == 0
-    assert padded.stats.to_json()["head_tokens"] == padded.stats.computed_tokens
 
 
 @pytest.mark.parametrize("share_prompt", [False, True])
