@@ -222,6 +222,8 @@ class ScoreStats:
       sequence_tokens: prompt + response tokens of the scored sequences (each prompt counted twice, what
         a per-sequence loop computes); ``tokens_per_s`` is in these units, so layouts compare directly.
       share_prompt: each prompt was computed once per pair.
+      head_tokens: positions the LM head ran on: the predicting positions, in whole chunks of ``seq_chunk``
+        per batch (None: every position).
     """
 
     layout: str
@@ -234,6 +236,7 @@ class ScoreStats:
     computed_tokens: int
     sequence_tokens: int | None = None
     share_prompt: bool = False
+    head_tokens: int | None = None
 
     def to_json(self) -> dict:
         steady = max(self.wall_s - self.compile_s, 1e-9)
@@ -243,7 +246,8 @@ class ScoreStats:
                 "wall_s": round(self.wall_s, 3), "steady_s": round(steady, 3),
                 "tokens_per_s": round(seq_tokens / steady, 1), "sequence_tokens": seq_tokens,
                 "real_tokens": self.real_tokens, "computed_tokens": self.computed_tokens,
-                "real_token_fraction": round(self.real_tokens / max(self.computed_tokens, 1), 4)}
+                "real_token_fraction": round(self.real_tokens / max(self.computed_tokens, 1), 4),
+                "head_tokens": self.computed_tokens if self.head_tokens is None else self.head_tokens}
 
 
 def _last_predictor(hidden: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -255,16 +259,24 @@ def _last_predictor(hidden: jax.Array, loss_mask: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "with_hidden", "seq_chunk", "vocab_chunk"))
-def _score_batch(graphdef, params, rest, batch: PairBatch, *, with_hidden: bool, seq_chunk: int, vocab_chunk: int):
+def _score_batch(graphdef, params, rest, batch: PairBatch, gather=None, *, with_hidden: bool, seq_chunk: int,
+                 vocab_chunk: int):
+    """Padded ``[B, 2, T]`` pairs; the LM head on every position, or with ``gather`` (:func:`_row_gather`) on
+    the predicting positions only."""
     b, two, t = batch.input_ids.shape
     flat = lambda x: x.reshape(b * two, t)
     model = nnx.merge(graphdef, params, rest)
     ids, mask = flat(batch.input_ids), flat(batch.loss_mask)
     hidden = model(ids, positions=flat(batch.positions), segment_ids=flat(batch.segment_ids), right_padded=True).hidden
     matrix, layout = model.unembedding()
-    lp = logprobs.sequence_logprobs(hidden, matrix, ids, mask, layout=layout, seq_chunk=seq_chunk,
-                                    vocab_chunk=vocab_chunk, softcap=model.config.final_logit_softcap)
-    out = {"sums": lp.sums.reshape(b, two), "counts": lp.counts.reshape(b, two)}
+    kw = dict(layout=layout, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk, softcap=model.config.final_logit_softcap)
+    if gather is None:
+        lp = logprobs.sequence_logprobs(hidden, matrix, ids, mask, **kw)
+        sums, counts = lp.sums, lp.counts
+    else:
+        sums, counts = logprobs.gathered_target_logprobs(hidden, matrix, *gather, num_segments=b * two + 1, **kw)
+        sums, counts = sums[1:], counts[1:]
+    out = {"sums": sums.reshape(b, two), "counts": counts.reshape(b, two)}
     if with_hidden:
         sums, _ = logprobs.masked_hidden_sums(hidden, mask)
         out["hidden_sums"] = sums.reshape(b, two, -1)
@@ -273,18 +285,45 @@ def _score_batch(graphdef, params, rest, batch: PairBatch, *, with_hidden: bool,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_segments", "seq_chunk", "vocab_chunk"))
-def _score_packed(graphdef, params, rest, ids, mask, segments, positions, branches=None, *, num_segments: int,
+def _score_packed(graphdef, params, rest, ids, segments, positions, branches, gather, *, num_segments: int,
                   seq_chunk: int, vocab_chunk: int):
     """``(sums, counts)`` [num_segments] of the segments of packed rows ``[R, T]`` (segment 0 = padding);
-    with ``branches`` (shared-prompt rows) per sequence id :func:`jaxpref.logprobs.pair_sequence_ids`."""
+    with ``branches`` (shared-prompt rows; else None) per sequence id :func:`jaxpref.logprobs.pair_sequence_ids`.
+    The LM head runs only on the predicting positions ``gather`` (:func:`jaxpref.logprobs.predictor_index`)."""
     model = nnx.merge(graphdef, params, rest)
     branch = {} if branches is None else {"branch_ids": branches}
     hidden = model(ids, positions=positions, segment_ids=segments, **branch).hidden
     matrix, layout = model.unembedding()
-    lp = logprobs.segment_logprobs(hidden, matrix, ids, mask, segments, branches, num_segments=num_segments,
-                                   layout=layout, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk,
-                                   softcap=model.config.final_logit_softcap)
-    return lp.sums, lp.counts
+    return logprobs.gathered_target_logprobs(hidden, matrix, *gather, num_segments=num_segments, layout=layout,
+                                             seq_chunk=seq_chunk, vocab_chunk=vocab_chunk,
+                                             softcap=model.config.final_logit_softcap)
+
+
+def _head_gathers(packed, seq_chunk: int) -> list[tuple[np.ndarray, ...]]:
+    """Per batch :func:`jaxpref.logprobs.predictor_index` arrays. Their size ``K`` is one per batch shape
+    (no new shapes): the most targets in a batch of that many rows, rounded up to a multiple of
+    ``seq_chunk``; the LM head stops after each batch's own last target chunk."""
+    most: dict[int, int] = {}
+    for k in range(packed.num_batches):
+        _, mask, segments, _ = packed.batch(k)
+        n = int(logprobs.segment_target_mask(mask, segments, packed.branches(k)).sum())
+        most[packed.batch_rows(k)] = max(most.get(packed.batch_rows(k), 1), n)
+    size = {rows: -(-n // seq_chunk) * seq_chunk for rows, n in most.items()}
+    gathers = []
+    for k in range(packed.num_batches):
+        ids, mask, segments, _ = packed.batch(k)
+        gathers.append(logprobs.predictor_index(ids, mask, segments, packed.branches(k),
+                                                size=size[packed.batch_rows(k)]))
+    return gathers
+
+
+def _row_gather(batch: PairBatch) -> tuple[np.ndarray, ...]:
+    """:func:`jaxpref.logprobs.predictor_index` of a padded batch, row ``i`` of ``[2B, T]`` as sequence
+    ``i + 1``, sized ``2B * T`` (one size per bucket shape; the LM head stops after the last target)."""
+    ids, mask, seg = (np.asarray(jax.device_get(x)).reshape(-1, x.shape[-1])
+                      for x in (batch.input_ids, batch.loss_mask, batch.segment_ids))
+    rows = np.where(seg != 0, np.arange(1, len(seg) + 1, dtype=np.int32)[:, None], 0)
+    return logprobs.predictor_index(ids, mask, rows, size=ids.size)
 
 
 MIN_REAL_FRACTION = 0.9
@@ -367,21 +406,23 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
     lh = np.zeros((n, 2, d), np.float32) if with_hidden else None
     shapes: list[tuple[int, int]] = []
     computed = 0
+    head = None
     start = time.perf_counter()
     with CompileWatch() as watch:
         if packing:
             packed = _pack_for_scoring(pairs, batch_size, _batch_multiple(mesh), share_prompt)
             seg_sums = np.zeros((packed.num_batches, packed.num_segments), np.float32)
             seg_counts = np.zeros_like(seg_sums)
+            gathers = _head_gathers(packed, seq_chunk)
+            head = sum(-(-int(g[3].sum()) // seq_chunk) * seq_chunk for g in gathers)  # chunks the head ran
             bar = progress_bar(packed.num_batches, enabled=progress, desc=desc)
             try:
                 for k in range(packed.num_batches):
-                    arrays = packed.batch(k)
-                    if share_prompt:
-                        arrays = (*arrays, packed.branches(k))
+                    ids, _, segments, positions = packed.batch(k)
+                    arrays = (ids, segments, positions, packed.branches(k))
                     if mesh is not None:
                         arrays = parallel.shard_batch(arrays, mesh)
-                    out = _score_packed(graphdef, params, rest, *arrays, num_segments=packed.num_segments,
+                    out = _score_packed(graphdef, params, rest, *arrays, gathers[k], num_segments=packed.num_segments,
                                         seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
                     seg_sums[k], seg_counts[k] = jax.device_get(out)
                     shapes.append(tuple(arrays[0].shape))
@@ -395,8 +436,12 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
             b = batch_size + (-batch_size) % _batch_multiple(mesh)
             bar = progress_bar(math.ceil(n / b), enabled=progress, desc=desc)
             try:
+                head = 0
                 for idx, batch in iterate_pair_batches(pairs, batch_size=batch_size, buckets=buckets, mesh=mesh):
-                    out = jax.device_get(_score_batch(graphdef, params, rest, batch, with_hidden=with_hidden,
+                    gather = _row_gather(batch)
+                    used = None if gather is None else int(gather[3].sum())  # None: every position
+                    head += batch.input_ids.size if used is None else -(-used // seq_chunk) * seq_chunk
+                    out = jax.device_get(_score_batch(graphdef, params, rest, batch, gather, with_hidden=with_hidden,
                                                       seq_chunk=seq_chunk, vocab_chunk=vocab_chunk))
                     k = len(idx)
                     sums[idx], counts[idx] = out["sums"][:k], out["counts"][:k]
@@ -412,7 +457,8 @@ def score_pairs(model, pairs: TokenizedPairs, *, batch_size: int = 8, buckets: S
     stats = ScoreStats(layout="packed" if packing else "padded", shapes=sorted(set(shapes)),
                        compiles=watch.compiles, cache_loads=watch.cache_loads, compile_s=watch.seconds,
                        wall_s=time.perf_counter() - start, real_tokens=int(real), computed_tokens=int(computed),
-                       sequence_tokens=int(pairs.lengths().sum()) if n else 0, share_prompt=bool(share_prompt))
+                       sequence_tokens=int(pairs.lengths().sum()) if n else 0, share_prompt=bool(share_prompt),
+                       head_tokens=head)
     log.info("%s: %d pairs, %s layout%s, %d shape(s) %s, %d compile(s) + %d cache load(s) in %.1f s, %.0f tokens/s, "
              "real/computed tokens %.3f", desc, n, stats.layout, " (shared prompts)" if share_prompt else "",
              len(stats.shapes), stats.shapes, stats.compiles,

@@ -36,6 +36,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -361,45 +362,53 @@ def segment_logprobs(
     return SequenceLogProbs(lp.token_logps, sums, counts, sums / jnp.maximum(counts, 1.0))
 
 
+def _xp(x):
+    """numpy for host arrays (the packer's gather indices), jax.numpy otherwise: one definition for both."""
+    return np if isinstance(x, np.ndarray) else jnp
+
+
 def shared_predecessors(segment_ids: Array, branch_ids: Array) -> Array:
     """[R, T] int32 row index of the token each token follows in its own sequence (-1: none in the row).
 
     Shared-prompt rows hold ``[prompt (branch 0) | chosen (1) | rejected (2)]`` per segment. A token's
     predecessor is the one before it in the row, except at the start of a response that directly follows
     another response: that one continues the prompt, so its predecessor is the last branch-0 token before
-    it. (Callers check that the predecessor lies in the same non-zero segment.)
+    it. (Callers check that the predecessor lies in the same non-zero segment.) numpy in, numpy out.
     """
-    seg, br = segment_ids.astype(jnp.int32), branch_ids.astype(jnp.int32)
-    t = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32)[None], seg.shape)
-    last_prompt = jax.lax.cummax(jnp.where((seg != 0) & (br == 0), t, -1), axis=1)
-    prev_br = jnp.concatenate([jnp.zeros_like(br[:, :1]), br[:, :-1]], axis=1)
+    xp = _xp(segment_ids)
+    seg, br = segment_ids.astype(xp.int32), branch_ids.astype(xp.int32)
+    t = xp.broadcast_to(xp.arange(seg.shape[1], dtype=xp.int32)[None], seg.shape)
+    last_prompt = xp.maximum.accumulate(xp.where((seg != 0) & (br == 0), t, -1), axis=1)
+    prev_br = xp.concatenate([xp.zeros_like(br[:, :1]), br[:, :-1]], axis=1)
     new_response = (br > 0) & (prev_br > 0) & (prev_br != br)
-    return jnp.where(new_response, last_prompt, t - 1)
+    return xp.where(new_response, last_prompt, t - 1)
 
 
 def pair_sequence_ids(segment_ids: Array, branch_ids: Array) -> Array:
     """[R, T] int32 sequence of each token of shared-prompt rows: chosen (branch 1) of segment ``s`` is
     ``2s - 1``, rejected (branch 2) ``2s``, prompt and padding 0 (the ``pair_segments`` convention of
     :class:`~jaxpref.types.PackedPairBatch`, slot ``p`` = segment ``p + 1``)."""
-    seg, br = segment_ids.astype(jnp.int32), branch_ids.astype(jnp.int32)
-    return jnp.where((seg != 0) & (br > 0), 2 * seg - 2 + br, 0)
+    xp = _xp(segment_ids)
+    seg, br = segment_ids.astype(xp.int32), branch_ids.astype(xp.int32)
+    return xp.where((seg != 0) & (br > 0), 2 * seg - 2 + br, 0)
 
 
 def _sequence_ids(segment_ids: Array, branch_ids: Array | None) -> Array:
     if branch_ids is None:
-        return segment_ids.astype(jnp.int32)
+        return segment_ids.astype(_xp(segment_ids).int32)
     return pair_sequence_ids(segment_ids, branch_ids)
 
 
 def segment_target_mask(loss_mask: Array, segment_ids: Array, branch_ids: Array | None = None) -> Array:
     """[R, T] bool: ``loss_mask`` where the token's predecessor in its sequence (the one before it in the
     row; :func:`shared_predecessors` with ``branch_ids``) is in the same non-zero segment."""
-    seg = segment_ids.astype(jnp.int32)
+    xp = _xp(segment_ids)
+    seg = segment_ids.astype(xp.int32)
     if branch_ids is None:
-        same = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] == seg[:, :-1]], axis=1)
+        same = xp.concatenate([xp.zeros_like(seg[:, :1], bool), seg[:, 1:] == seg[:, :-1]], axis=1)
     else:
         pred = shared_predecessors(seg, branch_ids)
-        same = (pred >= 0) & (jnp.take_along_axis(seg, jnp.maximum(pred, 0), axis=1) == seg)
+        same = (pred >= 0) & (xp.take_along_axis(seg, xp.maximum(pred, 0), axis=1) == seg)
     return (loss_mask != 0) & same & (seg != 0)
 
 
@@ -408,3 +417,89 @@ def segment_counts(loss_mask: Array, segment_ids: Array, num_segments: int, bran
     of :func:`segment_logprobs`)."""
     mask = segment_target_mask(loss_mask, segment_ids, branch_ids).reshape(-1).astype(jnp.float32)
     return jax.ops.segment_sum(mask, _sequence_ids(segment_ids, branch_ids).reshape(-1), num_segments)
+
+
+def predictor_index(input_ids: np.ndarray, loss_mask: np.ndarray, segment_ids: np.ndarray,
+                    branch_ids: np.ndarray | None = None, *, size: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Host (numpy) gather indices for :func:`gathered_target_logprobs`: one entry per target token of
+    packed rows ``[R, T]`` (the tokens :func:`segment_logprobs` scores), padded to ``size`` entries.
+
+    Returns ``(predict_index, target_ids, sequence_ids, weights)``, each ``[size]``: the flat index
+    ``r * T + t'`` of the hidden state that predicts the target (``t' = t - 1``, or the
+    :func:`shared_predecessors` position), its token id, its sequence id (segment id, or
+    :func:`pair_sequence_ids` with ``branch_ids``) and weight 1; padding entries point at position 0
+    with target 0, sequence 0 and weight 0. ``size`` defaults to the number of targets.
+    """
+    r, t = input_ids.shape
+    mask = segment_target_mask(loss_mask, segment_ids, branch_ids)
+    rows, cols = np.nonzero(mask)
+    pred = cols - 1 if branch_ids is None else shared_predecessors(segment_ids, branch_ids)[rows, cols]
+    n = len(rows)
+    size = n if size is None else size
+    if n > size:
+        raise ValueError(f"predictor_index: {n} target tokens do not fit in size {size}")
+    out = [np.zeros(size, np.int32) for _ in range(3)] + [np.zeros(size, np.float32)]
+    out[0][:n] = rows * t + pred
+    out[1][:n] = input_ids[rows, cols]
+    out[2][:n] = _sequence_ids(segment_ids, branch_ids)[rows, cols]
+    out[3][:n] = 1.0
+    return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=("num_segments", "layout", "seq_chunk", "vocab_chunk", "softcap"))
+def gathered_target_logprobs(
+    hidden: Array,
+    unembedding: Array,
+    predict_index: Array,
+    target_ids: Array,
+    sequence_ids: Array,
+    weights: Array,
+    *,
+    num_segments: int,
+    layout: str = "dv",
+    seq_chunk: int = 128,
+    vocab_chunk: int = 8192,
+    softcap: float | None = None,
+) -> tuple[Array, Array]:
+    """Per-sequence ``(sums, counts)`` [num_segments] from the predicting positions only (forward only).
+
+    :func:`segment_logprobs` runs the LM head on every position of ``[R, T]``; only the ``K`` states that
+    predict a target (from :func:`predictor_index`, targets first, padding last) are needed, so they are
+    gathered into ``[K, D]`` and the chunked log-prob (:func:`_lse_and_target`, the expression of
+    :func:`_target_logps`) runs on chunks of ``seq_chunk`` of them. The loop stops after the last chunk
+    that holds a target (a ``fori_loop`` with a traced bound), so ``K`` can be sized for the fullest
+    batch (one shape) while each batch pays for its own targets only. Each target's log-prob is the same
+    expression on the same state as there, so the sums agree to float32 reassociation.
+
+    Args:
+      hidden: [R, T, D] final hidden states.
+      unembedding: [D, V] (``layout="dv"``) or tied [V, D] (``layout="vd"``).
+      predict_index: [K] int flat index ``r * T + t`` of each predicting state.
+      target_ids: [K] int token each one predicts.
+      sequence_ids: [K] int output slot of each target (entries >= ``num_segments`` are dropped).
+      weights: [K] float 1 for a target, 0 for padding (all padding after the last target).
+      num_segments, layout, vocab_chunk, softcap: as for :func:`segment_logprobs`.
+      seq_chunk: gathered positions per LM-head step (``K`` is zero-padded to a multiple).
+
+    Returns:
+      ``(sums, counts)``, each [num_segments] float32.
+    """
+    _check_layout(layout)
+    k = predict_index.shape[0]
+    chunk = max(1, min(seq_chunk, k))
+    h = _pad_to(hidden.reshape(-1, hidden.shape[-1])[predict_index], 0, chunk)  # [K', D]
+    targets = _pad_to(target_ids.astype(jnp.int32), 0, chunk)
+    n_c = h.shape[0] // chunk
+    h, targets = h.reshape(n_c, 1, chunk, -1), targets.reshape(n_c, 1, chunk)
+    w = weights.astype(jnp.float32)
+    last = jnp.max(jnp.where(w > 0, jnp.arange(k), -1))  # the last target's entry
+    steps = (last + chunk) // chunk  # chunks up to and including it
+
+    def body(i, out):
+        lse, tgt_logit = _lse_and_target(h[i], unembedding, layout, targets[i], vocab_chunk, softcap)  # [1, C]
+        return out.at[i].set(tgt_logit[0] - lse[0])
+
+    logp = jax.lax.fori_loop(0, steps, body, jnp.zeros((n_c, chunk), jnp.float32)).reshape(-1)[:k]
+    sums = jax.ops.segment_sum(jnp.where(w > 0, w * logp, 0.0), sequence_ids, num_segments)
+    return sums, jax.ops.segment_sum(w, sequence_ids, num_segments)

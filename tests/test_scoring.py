@@ -52,11 +52,20 @@ def test_pack_sequences_places_every_token_once(hh_pairs):
     assert packed.efficiency() == lengths.sum() / packed.computed_tokens()
 
 
-def test_packed_scores_equal_padded_scores_per_example(model, hh_pairs):
-    """Packed (separate sequences) and packed shared-prompt rows (the default) both equal the padded layout."""
+def test_packed_scores_equal_padded_scores_per_example(model, hh_pairs, monkeypatch):
+    """Packed (separate sequences) and packed shared-prompt rows (the default) both equal the padded layout,
+    all three with the LM head on the predicting positions only, and those equal the padded layout with the
+    head on every position."""
     padded = ev.score_pairs(model, hh_pairs, batch_size=8, packing=False, progress=False)
     packed = ev.score_pairs(model, hh_pairs, batch_size=8, share_prompt=False, progress=False)
     shared = ev.score_pairs(model, hh_pairs, batch_size=8, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(ev, "_row_gather", lambda batch: None)  # the full-position head (sequence_logprobs)
+        full = ev.score_pairs(model, hh_pairs, batch_size=8, packing=False, progress=False)
+    assert full.stats.to_json()["head_tokens"] == full.stats.computed_tokens
+    for got in (packed, shared, padded):
+        np.testing.assert_array_equal(got.counts, full.counts)
+        np.testing.assert_allclose(got.sums, full.sums, rtol=1e-5, atol=0)  # the tolerance of the next check
     for got in (packed, shared):
         np.testing.assert_array_equal(got.counts, padded.counts)
         # float32: each token's log-prob is the same sum of the same terms in every layout (masked attention
@@ -71,6 +80,46 @@ def test_packed_scores_equal_padded_scores_per_example(model, hh_pairs):
     assert shared.stats.real_tokens == seq_tokens - prompts and shared.stats.sequence_tokens == seq_tokens
     assert packed.stats.to_json()["real_token_fraction"] > padded.stats.to_json()["real_token_fraction"]
     assert shared.stats.computed_tokens < packed.stats.computed_tokens
+    for got in (packed, shared, padded):  # the LM head ran on the predicting positions only, in whole chunks
+        head = got.stats.to_json()["head_tokens"]
+        assert got.counts.sum() <= head < got.stats.computed_tokens and head % 128 == 0
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_lm_head_on_predicting_positions_equals_every_position(hh_pairs, share_prompt):
+    """``gathered_target_logprobs`` (the LM head on the predicting positions only, host gather indices) equals
+    ``segment_logprobs`` (every position) per sequence, on real packed rows of both layouts."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpref import logprobs
+
+    packed = pack_sequences(hh_pairs, 512, 3, share_prompt=share_prompt)
+    ids, mask, seg, _ = packed.batch(0)
+    br = packed.branches(0)
+    r, t = ids.shape
+    kh, kw = jax.random.split(jax.random.key(7))
+    hidden = jax.random.normal(kh, (r, t, 32))
+    w = jax.random.normal(kw, (32, 512)) * 0.3
+    full = logprobs.segment_logprobs(hidden, w, ids, mask, seg, br, num_segments=packed.num_segments,
+                                     seq_chunk=64, vocab_chunk=128)
+    want_mask = np.asarray(logprobs.segment_target_mask(jnp.asarray(mask), jnp.asarray(seg),
+                                                        None if br is None else jnp.asarray(br)))
+    n = int(want_mask.sum())
+    assert 0 < n < (seg != 0).sum()
+    gather = logprobs.predictor_index(ids, mask, seg, br, size=n + (-n) % 64 + 128)  # 2 chunks past the last
+    assert gather[3].sum() == n and (gather[3][n:] == 0).all() and (gather[0][n:] == 0).all()
+    np.testing.assert_array_equal(gather[1][:n], ids[want_mask])  # targets in row-major order
+    sums, counts = logprobs.gathered_target_logprobs(hidden, w, *gather, num_segments=packed.num_segments,
+                                                     seq_chunk=64, vocab_chunk=128)
+    np.testing.assert_array_equal(counts, full.counts)
+    # float32: each target's log-prob is the same chunked expression on the same state (a [K, D] gather of it),
+    # so only the matmul blocking and the sum order differ: a few eps32 (1.2e-7) per token relative to its
+    # |log-prob| ~ log V; all terms are negative, so 1e-5 of |sum| leaves ~80 eps of room.
+    np.testing.assert_allclose(sums, full.sums, rtol=1e-5, atol=0)
+    assert np.abs(np.asarray(full.sums)).sum() > 0
+    with pytest.raises(ValueError, match="do not fit"):
+        logprobs.predictor_index(ids, mask, seg, br, size=n - 1)
 
 
 def test_packed_scoring_is_sharded_over_the_mesh(model, hh_pairs):
