@@ -21,7 +21,9 @@ first), so that a change of machine load hits both alike; each round's seconds a
 recorded. Each slice is then its own scorer call with its own last-batch shape, so the compile count is
 that of R calls; the default (one call, as ``eval.ranking`` makes) measures the compile count of the
 workload itself. PyTorch's CPU threads suffer more from a busy machine than XLA's (seen at load 3-5 on
-2 cores), so comparable numbers need a quiet machine either way. Reports wall time, compile time, steady-state time and tokens/s of each, the real / computed token
+2 cores), so comparable numbers need a quiet machine either way.
+
+Reports wall time, compile time, steady-state time and tokens/s of each, the real / computed token
 fraction, and the largest relative difference of the summed log-probs. Writes JSON (``bench/_common``).
 """
 
