@@ -95,3 +95,15 @@ def test_readme_cpu_expectations_match_the_benchmark():
     assert payload["config"]["config"] == "configs/smollm2_dpo.yaml"
     section = (REPO / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
     assert smollm2_cpu.readme_summary(payload) in " ".join(section.split())
+
+
+def test_readme_dpo_vs_trl_matches_the_benchmark():
+    """The README's real-data DPO sentence is ``bench/results/dpo_real_vs_trl.json`` formatted by the script."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import dpo_real_vs_trl
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    payload = json.loads((REPO / "bench" / "results" / "dpo_real_vs_trl.json").read_text())
+    assert payload["results"]["trl"]["train_wall_s"] > 0 and payload["config"]["frameworks"] == "jax,trl"
+    assert dpo_real_vs_trl.readme_summary(payload) in " ".join((REPO / "README.md").read_text().split())
