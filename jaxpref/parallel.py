@@ -12,7 +12,10 @@ mesh without per-model special cases.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -156,6 +159,45 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# The mesh (and rules) under which a step is being traced: set by :func:`with_activation_sharding`, read by
+# :func:`constrain`. Outside it (single-device code, tests, generation) ``constrain`` is the identity.
+_ACTIVATION_MESH: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
+    "jaxpref_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules=DEFAULT_RULES):
+    """Within this context :func:`constrain` pins activations to ``mesh`` by their logical names."""
+    token = _ACTIVATION_MESH.set(None if mesh is None or mesh.size == 1 else (mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def with_activation_sharding(fn, mesh: Mesh | None, rules=DEFAULT_RULES):
+    """``fn`` traced under :func:`activation_sharding` (wrap a step before ``jax.jit``: tracing happens inside)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's sharding by logical axis names, e.g. the residual stream ``("batch", "length",
+    None)``. Without it GSPMD is free to resolve an FSDP matmul (batch over ``fsdp`` times weights over
+    ``embed`` = ``fsdp``) by gathering the *batch* instead of the weights, so that every device computes the
+    whole global batch: compiled temp memory of an 8-way FSDP DPO step then grows with the device count
+    (``tests/test_parallel.py``). The identity outside :func:`activation_sharding`."""
+    active = _ACTIVATION_MESH.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical, x.shape, mesh, rules)))
 
 
 def maybe_initialize_distributed() -> bool:

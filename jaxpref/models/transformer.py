@@ -38,8 +38,10 @@ from jaxpref.models.base import KVCache, ModelOutput
 from jaxpref.models.config import REMAT_POLICIES, Family, ModelConfig, rope_inv_freq
 from jaxpref.models.hf_keys import KeyTable
 from jaxpref.models.layer_stack import stack_modules
-from jaxpref.parallel import logical_param
+from jaxpref.parallel import constrain, logical_param
 
+# logical axes of the residual stream [B, T, D]: examples over the batch axes, the model dimension whole
+RESIDUAL = ("batch", "length", None)
 
 class Block(nnx.Module):
     """Decoder layer ``x + attn(norm x)`` then ``+ mlp(norm x)`` (or both from x: parallel residual).
@@ -98,9 +100,9 @@ class Block(nnx.Module):
         h, cache = self._branch(attn, "attn_norm", "attn_post_norm", x_btd)
         mlp = lambda x: (self.mlp(x),)  # noqa: E731
         if self.parallel_residual:
-            return x_btd + h + self._branch(mlp, "mlp_norm", "mlp_post_norm", x_btd)[0], cache
+            return constrain(x_btd + h + self._branch(mlp, "mlp_norm", "mlp_post_norm", x_btd)[0], RESIDUAL), cache
         x_btd = x_btd + h
-        return x_btd + self._branch(mlp, "mlp_norm", "mlp_post_norm", x_btd)[0], cache
+        return constrain(x_btd + self._branch(mlp, "mlp_norm", "mlp_post_norm", x_btd)[0], RESIDUAL), cache
 
 
 def _remat(fn, policy: str):
@@ -231,7 +233,7 @@ class CausalLM(nnx.Module):
                 positions = positions + jnp.sum(cache.segment_ids != 0, axis=1, dtype=jnp.int32)[:, None]
         positions = jnp.asarray(positions, jnp.int32)
 
-        x = self.embed(input_ids)
+        x = constrain(self.embed(input_ids), RESIDUAL)
         rope = None
         if cfg.learned_positions:
             x = x + jnp.take(self.position_pd[...], positions, axis=0).astype(x.dtype)
@@ -261,7 +263,7 @@ class CausalLM(nnx.Module):
 
                 x, kv = (_remat(run, cfg.remat_policy) if cfg.remat else run)(block, x, mask, rope, kv, index)
 
-        hidden = self.final_norm(x)
+        hidden = constrain(self.final_norm(x), RESIDUAL)
         logits = self.logits(hidden) if return_logits else None
         if cache is not None:
             cache = KVCache(k=kv[0], v=kv[1], segment_ids=kv_segments, positions=kv_positions,

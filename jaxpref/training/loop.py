@@ -791,8 +791,9 @@ def _precompute(cfg: RunConfig, graphdef, rest, ref_params, data, mesh) -> refer
     def compute() -> np.ndarray:
         from jaxpref.data.batching import pair_batch
 
-        fwd = jax.jit(lambda p, b: steplib.pair_logps(graphdef, p, rest, b, seq_chunk=cfg.train.seq_chunk,
-                                                      vocab_chunk=cfg.train.vocab_chunk)[0])
+        fwd = jax.jit(parallel.with_activation_sharding(
+            lambda p, b: steplib.pair_logps(graphdef, p, rest, b, seq_chunk=cfg.train.seq_chunk,
+                                            vocab_chunk=cfg.train.vocab_chunk)[0], mesh))
         out = np.zeros((len(data), 2), np.float32)
         for lo in range(0, len(data), bs):
             idx = list(range(lo, min(lo + bs, len(data))))

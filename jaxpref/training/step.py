@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpref import logprobs
+from jaxpref import logprobs, parallel
 from jaxpref.losses import Composition, LossInputs
 from jaxpref.training.reference_samples import needs_reference_samples
 from jaxpref.types import PackedPairBatch, PairBatch, ReferenceSampleBatch, SFTBatch
@@ -414,7 +414,8 @@ def jit_step(step: Callable, state_sharding, other_shardings: tuple, *, donate: 
       state_sharding: pytree of ``NamedSharding`` matching the :class:`TrainState`.
       other_shardings: shardings of the remaining arguments (None leaves = replicated/unspecified).
     """
-    return jax.jit(step, in_shardings=(state_sharding, *other_shardings),
+    mesh = jax.tree.leaves(state_sharding)[0].mesh
+    return jax.jit(parallel.with_activation_sharding(step, mesh), in_shardings=(state_sharding, *other_shardings),
                    out_shardings=(state_sharding, None), donate_argnums=(0,) if donate else ())
 
 
