@@ -14,7 +14,7 @@ or from the shell: ``python -m jaxpref.models.gguf_io SRC.gguf OUT_DIR``.
 
 Architectures (``general.architecture`` -> HF ``model_type``): ``llama`` (incl. Mistral /
 SmolLM), ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3`` (-> ``gemma3_text``), ``olmo2``,
-``phi3`` (Phi-3 / Phi-4-mini); anything else raises ``NotImplementedError`` naming the list.
+``phi3`` (Phi-3 / Phi-4-mini); anything else raises :class:`GGUFError` (one line naming the list).
 
 The tensor path is ours (``gguf.GGUFReader`` + numpy): dequantize to float32, rename with the
 architecture's declarative table (:class:`_Arch`), and undo what llama.cpp's
@@ -45,7 +45,16 @@ from typing import Any
 
 import numpy as np
 
+from jaxpref.models.config import UnsupportedConfigError
+
 log = logging.getLogger(__name__)
+
+
+class GGUFError(UnsupportedConfigError, NotImplementedError):
+    """A GGUF file this module cannot import (an architecture, RoPE variant or tensor it does not map,
+    or a missing metadata key); the message is one line naming the file's architecture and what is
+    supported. An :class:`~jaxpref.models.config.UnsupportedConfigError`, so the scripts print it as
+    one line; also a ``NotImplementedError``, as these errors were before."""
 
 # llama.cpp tensor name -> HF module name. Block tensors (`blk.{i}.NAME`) map under
 # `model.layers.{i}.`; the suffix (.weight / .bias) is kept. Names from gguf-py's
@@ -203,7 +212,7 @@ class _Meta:
         if full in self.raw:
             return self.raw[full]
         if default is _REQUIRED:
-            raise ValueError(f"GGUF {self.arch}: metadata key {full!r} is missing")
+            raise GGUFError(f"GGUF {self.arch}: metadata key {full!r} is missing")
         return default
 
 
@@ -223,7 +232,7 @@ def _qwen3_keys(m: _Meta, base: dict) -> dict[str, Any]:
 
 def _olmo2_keys(m: _Meta, base: dict) -> dict[str, Any]:
     if m("attention.sliding_window", None) is not None:  # llama.cpp's olmo2 also carries OLMo 3
-        raise NotImplementedError(f"GGUF olmo2: {m.arch}.attention.sliding_window (OLMo 3's local layers) is not "
+        raise GGUFError(f"GGUF olmo2: {m.arch}.attention.sliding_window (OLMo 3's local layers) is not "
                                   "supported (supported: OLMo 2, no sliding window)")
     return {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in m.tensors}
 
@@ -254,7 +263,7 @@ def _layer_types(m: _Meta, pattern: int) -> list[str]:
         p = int(stated)
         local = [p == 0 or i % p < p - 1 for i in range(n)]
     if len(local) != n:
-        raise ValueError(f"GGUF {m.arch}: attention.sliding_window_pattern has {len(local)} entries for {n} layers")
+        raise GGUFError(f"GGUF {m.arch}: attention.sliding_window_pattern has {len(local)} entries for {n} layers")
     return ["sliding_attention" if x else "full_attention" for x in local]
 
 
@@ -325,19 +334,19 @@ def hf_config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
       tensor_names: names of the file's tensors (decides tied embeddings and biases).
 
     Raises:
-      NotImplementedError: an architecture or RoPE variant jaxpref does not implement.
+      GGUFError: an architecture or RoPE variant jaxpref does not implement, or a missing key.
     """
     arch = meta["general.architecture"]
     if arch not in _ARCHITECTURES:
-        raise NotImplementedError(f"GGUF architecture {arch!r} is not supported (supported: {sorted(_ARCHITECTURES)})")
+        raise GGUFError(f"GGUF architecture {arch!r} is not supported (supported: {sorted(_ARCHITECTURES)})")
     m = _Meta(meta, frozenset(tensor_names))
     for name in _ROPE_FACTOR_TENSORS:
         if name in tensor_names:
-            raise NotImplementedError(f"GGUF {arch}: tensor {name!r} (RoPE frequency factors: Llama 3.1 / "
+            raise GGUFError(f"GGUF {arch}: tensor {name!r} (RoPE frequency factors: Llama 3.1 / "
                                       "LongRoPE scaling) is not supported")
     scaling = m("rope.scaling.type", "none")
     if scaling not in _ROPE_SCALING.get(arch, ("none",)):
-        raise NotImplementedError(f"GGUF {arch}: {arch}.rope.scaling.type {scaling!r} is not supported "
+        raise GGUFError(f"GGUF {arch}: {arch}.rope.scaling.type {scaling!r} is not supported "
                                   f"(supported: {list(_ROPE_SCALING.get(arch, ('none',)))})")
 
     n_heads = int(m("attention.head_count"))
@@ -421,7 +430,7 @@ def read_gguf_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarr
     """``(hf_config, state_dict)``: float32 numpy weights under HF names and layout.
 
     Raises:
-      NotImplementedError: unsupported architecture, or a tensor the name table does not know.
+      GGUFError: unsupported architecture or option, or a tensor the name table does not know.
     """
     import gguf
 
@@ -437,7 +446,7 @@ def read_gguf_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarr
     for tensor in reader.tensors:
         hf_name = hf_tensor_name(tensor.name, arch)
         if hf_name is None:
-            raise NotImplementedError(f"GGUF {arch}: tensor {tensor.name!r} has no HF mapping")
+            raise GGUFError(f"GGUF {arch}: tensor {tensor.name!r} has no HF mapping")
         # ggml lists dims fastest-first; numpy (and HF) want them slowest-first.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         value = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
@@ -531,7 +540,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", help="input .gguf file")
     parser.add_argument("out_dir", help="output directory (config.json, model.safetensors, tokenizer files)")
     args = parser.parse_args(argv)
-    out = gguf_to_hf_dir(args.src, args.out_dir)
+    from jaxpref import cli
+
+    try:
+        out = gguf_to_hf_dir(args.src, args.out_dir)
+    except cli.expected_errors() as err:
+        cli.fail(err)  # one line, no traceback
     print(f"wrote {out}")
 
 
