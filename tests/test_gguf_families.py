@@ -229,6 +229,21 @@ def test_logits_match_source_and_transformers_gguf(family, name, tmp_path):
     np.testing.assert_allclose(got[valid], _torch_logits(theirs, ids, mask)[valid], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_converted_directory_is_the_source_model_for_transformers(family, name, tmp_path):
+    """``gguf_to_hf_dir`` (the CLI): transformers loads the directory as the source model -- the config
+    dict is a valid transformers config of that model, not only one jaxpref reads."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model, path, want = family(name)
+    out = gguf_io.gguf_to_hf_dir(path, tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(reloaded) is type(hf_model)
+    ids, mask = _padded_batch(GGUF_BPE_VOCAB)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(_torch_logits(reloaded, ids, mask)[valid], want[valid], rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- llama.cpp's rules, full size
 
 
