@@ -14,7 +14,8 @@ width in dimensions and no ``key_length``), float32 tensors (quantized payloads 
 * transformers' own GGUF loader, for the architectures it reads (qwen3, gemma2, gemma3, phi3; not
   olmo2, gemma): the same state dict, bit for bit, and the same value for every config key it reads
   from the file. The keys it leaves at its config class's defaults although the file states them
-  (``TRANSFORMERS_GGUF_GAPS``) are handed to it, and then its logits equal ours too.
+  (``TRANSFORMERS_GGUF_GAPS``) are handed to it, and then its logits equal ours too;
+* transformers on the directory ``gguf_to_hf_dir`` writes: the source model's class and logits.
 
 Config-only cases pin llama.cpp's rules for what the file does not state (Gemma's
 ``query_pre_attn_scalar``, its local/global pattern, Gemma 2's default caps and window) on the
