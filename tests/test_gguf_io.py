@@ -22,6 +22,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from jaxpref.models import gguf_io  # noqa: E402
+from jaxpref.testing.tokenizers import GGUF_BPE_VOCAB, add_gguf_bpe_tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -151,7 +152,7 @@ def test_tensor_names():
 
 # ----------------------------------------------------------------------------- tiny synthetic GGUF
 
-TINY = dict(vocab=260, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, ctx=128)
+TINY = dict(vocab=GGUF_BPE_VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, ctx=128)
 # llama.cpp name per HF name (written independently of the module's table)
 _TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -206,24 +207,6 @@ def _tiny_hf_state(tied: bool, seed: int = 0, qkv_bias: bool = False) -> dict[st
     return {k: rng.normal(scale=0.5, size=s).astype(np.float32) for k, s in shapes.items()}
 
 
-def _tiny_tokenizer_fields(writer):
-    """A byte-level BPE vocabulary: 3 control tokens, the 256 byte symbols, one merge."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + symbols + ["Ġt"]
-    assert len(tokens) == TINY["vocab"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    writer.add_token_merges(["Ġ t"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(2)
-    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
-
-
 def write_tiny_gguf(path, state: dict[str, np.ndarray], *, arch: str = "llama", tokenizer: bool = True) -> None:
     """HF state dict -> llama.cpp GGUF, the way ``convert_hf_to_gguf.py`` lays out a Llama / Qwen2.
 
@@ -242,7 +225,7 @@ def write_tiny_gguf(path, state: dict[str, np.ndarray], *, arch: str = "llama", 
     w.add_vocab_size(c["vocab"])
     w.add_rope_dimension_count(c["hidden"] // c["heads"])
     if tokenizer:
-        _tiny_tokenizer_fields(w)
+        add_gguf_bpe_tokenizer(w)
     for hf_name, value in state.items():
         parts = hf_name.split(".")
         if parts[1] == "layers":

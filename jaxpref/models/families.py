@@ -17,7 +17,9 @@ phi3       input / post_attention (pre)       fused ``qkv_proj``; MLP ``gate_up_
 =========  ================================  =========================================
 
 Note the name clash the tables resolve: Llama's ``post_attention_layernorm`` is the norm
-*before* the MLP, Gemma 2's and OLMo 2's is the norm *after* attention.
+*before* the MLP, Gemma 2's and OLMo 2's is the norm *after* attention. llama.cpp's names keep
+them apart (``ffn_norm`` vs ``post_attention_norm``); :mod:`jaxpref.models.gguf_io` maps GGUF
+files of all five families (and Gemma) to these HF names.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A GGUF file holds the model config as metadata (``llama.block_count``, ...), the tokenizer as
 metadata (``tokenizer.ggml.tokens``, ``merges``, ``token_type``, special ids, chat template)
 and the tensors under llama.cpp's names, often block-quantized (Q4_0, Q4_1, Q8_0, K-quants).
-This module turns one into exactly what ``transformers`` would load from the same file::
+This module turns one into exactly the weights ``transformers`` would load from the same file,
+with the config of the HF model it was converted from::
 
     hf_config, state_dict, tokenizer = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     gguf_to_hf_dir("model.gguf", "out/")          # config.json + model.safetensors + tokenizer
@@ -11,11 +12,20 @@ This module turns one into exactly what ``transformers`` would load from the sam
 
 or from the shell: ``python -m jaxpref.models.gguf_io SRC.gguf OUT_DIR``.
 
-The tensor path is ours (``gguf.GGUFReader`` + numpy): dequantize to float32, rename with a
-declarative table, and undo the row permutation llama.cpp's ``convert_hf_to_gguf.py`` applies
-to the Q and K projections of Llama-architecture models (it reorders RoPE's interleaved pairs
-into GGML's layout). The tokenizer is rebuilt by ``transformers``' own GGUF tokenizer converter
-so that it tokenizes exactly as ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` does.
+Architectures (``general.architecture`` -> HF ``model_type``): ``llama`` (incl. Mistral /
+SmolLM), ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3`` (-> ``gemma3_text``), ``olmo2``,
+``phi3`` (Phi-3 / Phi-4-mini); anything else raises :class:`GGUFError` (one line naming the list).
+
+The tensor path is ours (``gguf.GGUFReader`` + numpy): dequantize to float32, rename with the
+architecture's declarative table (:class:`_Arch`), and undo what llama.cpp's
+``convert_hf_to_gguf.py`` changed: the Q/K row permutation of Llama-architecture models (it
+reorders RoPE's rotate-half pairs into GGML's interleaved layout) and the ``+ 1`` it adds to
+every Gemma norm weight (Gemma's RMSNorm multiplies by ``1 + w``; GGML by the stored weight).
+Phi-3's fused ``attn_qkv`` / ``ffn_up`` ([gate; up]) stay fused, as HF has them. The config is
+rebuilt per architecture from the metadata, including what transformers' own GGUF loader does
+not read back (see :func:`hf_config_from_metadata`). The tokenizer is rebuilt by
+``transformers``' own GGUF tokenizer converter so that it tokenizes exactly as
+``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` does.
 Dequantized weights are what the quantized model computes with; they are not the original
 full-precision weights.
 """
@@ -23,40 +33,74 @@ full-precision weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import pathlib
 import re
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from jaxpref.models.config import UnsupportedConfigError
+
 log = logging.getLogger(__name__)
 
-# Architectures whose tensors and metadata we map to a transformers ``model_type``.
-# ``permute_qk``: llama.cpp's LlamaModel converter permutes Q/K rows; Qwen2's does not.
-_ARCHITECTURES: dict[str, dict] = {
-    "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "permute_qk": True},
-    "qwen2": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "permute_qk": False},
-}
 
-# llama.cpp tensor name -> HF name, `{i}` being the block index. Suffix (.weight/.bias) is kept.
-_TENSOR_NAMES: tuple[tuple[str, str], ...] = (
-    (r"token_embd", "model.embed_tokens"),
-    (r"output_norm", "model.norm"),
-    (r"output", "lm_head"),
-    (r"blk\.(\d+)\.attn_norm", "model.layers.{i}.input_layernorm"),
-    (r"blk\.(\d+)\.attn_q", "model.layers.{i}.self_attn.q_proj"),
-    (r"blk\.(\d+)\.attn_k", "model.layers.{i}.self_attn.k_proj"),
-    (r"blk\.(\d+)\.attn_v", "model.layers.{i}.self_attn.v_proj"),
-    (r"blk\.(\d+)\.attn_output", "model.layers.{i}.self_attn.o_proj"),
-    (r"blk\.(\d+)\.ffn_norm", "model.layers.{i}.post_attention_layernorm"),
-    (r"blk\.(\d+)\.ffn_gate", "model.layers.{i}.mlp.gate_proj"),
-    (r"blk\.(\d+)\.ffn_up", "model.layers.{i}.mlp.up_proj"),
-    (r"blk\.(\d+)\.ffn_down", "model.layers.{i}.mlp.down_proj"),
-)
-_TENSOR_PATTERNS = tuple((re.compile(rf"^{p}\.(weight|bias)$"), hf) for p, hf in _TENSOR_NAMES)
+class GGUFError(UnsupportedConfigError, NotImplementedError):
+    """A GGUF file this module cannot import (an architecture, RoPE variant or tensor it does not map,
+    or a missing metadata key); the message is one line naming the file's architecture and what is
+    supported. An :class:`~jaxpref.models.config.UnsupportedConfigError`, so the scripts print it as
+    one line; also a ``NotImplementedError``, as these errors were before."""
+
+# llama.cpp tensor name -> HF module name. Block tensors (`blk.{i}.NAME`) map under
+# `model.layers.{i}.`; the suffix (.weight / .bias) is kept. Names from gguf-py's
+# `MODEL_TENSOR` table; each architecture lists the ones its converter writes.
+_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LLAMA_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",  # Llama's name for the norm *before* the MLP
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_POST_NORMS = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_GEMMA2_BLOCK = {**_LLAMA_BLOCK, "ffn_norm": "pre_feedforward_layernorm", **_POST_NORMS}
+_OLMO2_BLOCK = {**{k: v for k, v in _LLAMA_BLOCK.items() if not k.endswith("_norm")}, **_POST_NORMS, **_QK_NORMS}
+# Phi-3 keeps HF's fused projections: `attn_qkv` = [q; k; v] rows, `ffn_up` = [gate; up] rows.
+_PHI3_BLOCK = {**{k: v for k, v in _LLAMA_BLOCK.items() if k not in ("attn_q", "attn_k", "attn_v", "ffn_gate")},
+               "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+    """How one llama.cpp architecture maps to a transformers ``model_type``.
+
+    Attributes:
+      model_type: the HF ``model_type`` (and jaxpref family).
+      architecture: the HF ``architectures`` entry.
+      block: llama.cpp block tensor -> HF module under ``model.layers.{i}``.
+      config: extra ``config.json`` keys from the metadata (:func:`hf_config_from_metadata`).
+      permute_qk: llama.cpp's ``LlamaModel`` converter permuted the Q/K rows (:func:`permute_qk`).
+      norm_shift: the converter stored every ``*norm.weight`` as ``w + norm_shift`` (Gemma's
+        ``(1 + w)`` RMSNorm is stored as the multiplier itself); subtracted on import, as
+        transformers does.
+    """
+
+    model_type: str
+    architecture: str
+    block: dict[str, str]
+    config: Callable[[_Meta, dict], dict[str, Any]]
+    permute_qk: bool = False
+    norm_shift: float = 0.0
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -111,15 +155,25 @@ def unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     return w.swapaxes(1, 2).reshape(weight.shape)
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """llama.cpp tensor name -> HF Llama name (``None`` when the table has no entry)."""
-    for pattern, hf in _TENSOR_PATTERNS:
-        m = pattern.match(gguf_name)
-        if m:
-            groups = m.groups()
-            name = hf.format(i=groups[0]) if len(groups) == 2 else hf
-            return f"{name}.{groups[-1]}"
-    return None
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """llama.cpp tensor name -> HF name for ``arch`` (``None`` when its table has no entry).
+
+    ``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; ``output.weight`` ->
+    ``lm_head.weight``. The same llama.cpp name can mean different HF modules (``ffn_norm`` is
+    Llama's ``post_attention_layernorm`` but Gemma 2's ``pre_feedforward_layernorm``).
+    """
+    stem, dot, suffix = gguf_name.rpartition(".")
+    if not dot or suffix not in ("weight", "bias"):
+        return None
+    m = _BLOCK_NAME.match(stem)
+    if m is None:
+        hf = _GLOBAL_TENSORS.get(stem)
+        return None if hf is None else f"{hf}.{suffix}"
+    hf = _ARCHITECTURES[arch].block.get(m["kind"]) if arch in _ARCHITECTURES else None
+    return None if hf is None else f"model.layers.{m['i']}.{hf}.{suffix}"
+
+
+_BLOCK_NAME = re.compile(r"^blk\.(?P<i>\d+)\.(?P<kind>\w+)$")
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -138,55 +192,190 @@ def _metadata(reader) -> dict:
     return out
 
 
+_REQUIRED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Meta:
+    """A file's metadata read under its architecture's prefix: ``m("block_count")`` is
+    ``meta["gemma2.block_count"]``; a missing key without a default is a one-line error."""
+
+    raw: dict
+    tensors: frozenset[str]
+
+    @property
+    def arch(self) -> str:
+        return self.raw["general.architecture"]
+
+    def __call__(self, key: str, default: Any = _REQUIRED) -> Any:
+        full = f"{self.arch}.{key}"
+        if full in self.raw:
+            return self.raw[full]
+        if default is _REQUIRED:
+            raise GGUFError(f"GGUF {self.arch}: metadata key {full!r} is missing")
+        return default
+
+
+def _llama_keys(m: _Meta, base: dict) -> dict[str, Any]:
+    return {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in m.tensors,
+            "mlp_bias": "blk.0.ffn_up.bias" in m.tensors}
+
+
+def _qwen2_keys(m: _Meta, base: dict) -> dict[str, Any]:
+    return {"hidden_act": "silu"}  # Qwen2 always has q/k/v biases
+
+
+def _qwen3_keys(m: _Meta, base: dict) -> dict[str, Any]:
+    return {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in m.tensors,
+            "use_sliding_window": False, "sliding_window": None}
+
+
+def _olmo2_keys(m: _Meta, base: dict) -> dict[str, Any]:
+    if m("attention.sliding_window", None) is not None:  # llama.cpp's olmo2 also carries OLMo 3
+        raise GGUFError(f"GGUF olmo2: {m.arch}.attention.sliding_window (OLMo 3's local layers) is not "
+                                  "supported (supported: OLMo 2, no sliding window)")
+    return {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in m.tensors}
+
+
+def _phi3_keys(m: _Meta, base: dict) -> dict[str, Any]:
+    """Phi-3 / Phi-4-mini: the rotary width is stated in dimensions, the window as 0 for "none"."""
+    window = int(m("attention.sliding_window", 0))
+    rope = dict(base["rope_parameters"],
+                partial_rotary_factor=int(m("rope.dimension_count", base["head_dim"])) / base["head_dim"])
+    return {"hidden_act": "silu", "rope_parameters": rope, "sliding_window": window or None,
+            "original_max_position_embeddings": int(m("rope.scaling.original_context_length",
+                                                      base["max_position_embeddings"]))}
+
+
+def _gemma_keys(m: _Meta, base: dict) -> dict[str, Any]:
+    return {"hidden_activation": "gelu_pytorch_tanh", "attention_bias": "blk.0.attn_q.bias" in m.tensors}
+
+
+def _layer_types(m: _Meta, pattern: int) -> list[str]:
+    """Per-layer local/global from ``attention.sliding_window_pattern`` (a period or one flag per
+    layer) or, when the file has none, llama.cpp's fixed period for the architecture: layer ``i``
+    is local unless ``i % pattern == pattern - 1`` (llama.cpp's ``set_swa_pattern``)."""
+    n = int(m("block_count"))
+    stated = m("attention.sliding_window_pattern", pattern)
+    if isinstance(stated, (list, tuple)):
+        local = [bool(x) for x in stated]
+    else:
+        p = int(stated)
+        local = [p == 0 or i % p < p - 1 for i in range(n)]
+    if len(local) != n:
+        raise GGUFError(f"GGUF {m.arch}: attention.sliding_window_pattern has {len(local)} entries for {n} layers")
+    return ["sliding_attention" if x else "full_attention" for x in local]
+
+
+def _query_pre_attn_scalar(m: _Meta, base: dict, layers_27b: int) -> int:
+    """The file has no key for it: llama.cpp scales scores by ``head_dim ** -0.5``, except for the
+    27B models (identified by their layer count), where it uses ``hidden / heads`` (Gemma's
+    ``query_pre_attn_scalar`` of 144 / 168)."""
+    if base["num_hidden_layers"] == layers_27b:
+        return base["hidden_size"] // base["num_attention_heads"]
+    return base["head_dim"]
+
+
+def _gemma2_keys(m: _Meta, base: dict) -> dict[str, Any]:
+    """Gemma 2: soft-caps and window as stated, else llama.cpp's defaults (50, 30, 4096); every
+    other layer local."""
+    return {**_gemma_keys(m, base), "query_pre_attn_scalar": _query_pre_attn_scalar(m, base, 46),
+            "attn_logit_softcapping": float(m("attn_logit_softcapping", 50.0)),
+            "final_logit_softcapping": float(m("final_logit_softcapping", 30.0)),
+            "sliding_window": int(m("attention.sliding_window", 4096)), "layer_types": _layer_types(m, 2)}
+
+
+def _gemma3_keys(m: _Meta, base: dict) -> dict[str, Any]:
+    """Gemma 3 (text): 5 local : 1 global layers when the file states a window (all global
+    otherwise); ``rope.freq_base`` is the global layers' base, ``rope.freq_base_swa`` the local
+    ones' (llama.cpp's default 10000 when absent); a linear ``rope.scaling`` applies to the
+    global layers only; no attention soft-cap, a final one only when stated."""
+    full = {"rope_type": "default", "rope_theta": base["rope_theta"]}
+    if m("rope.scaling.type", "none") == "linear":
+        full.update(rope_type="linear", factor=float(m("rope.scaling.factor")))
+    local = {"rope_type": "default", "rope_theta": float(m("rope.freq_base_swa", 10000.0))}
+    window = int(m("attention.sliding_window", 0)) or None
+    types = _layer_types(m, 6) if window else ["full_attention"] * base["num_hidden_layers"]
+    cap = m("final_logit_softcapping", None)
+    return {**_gemma_keys(m, base), "query_pre_attn_scalar": _query_pre_attn_scalar(m, base, 62),
+            "attn_logit_softcapping": None, "final_logit_softcapping": None if cap is None else float(cap),
+            "sliding_window": window, "layer_types": types,
+            "rope_theta": None, "rope_parameters": {"full_attention": full, "sliding_attention": local}}
+
+
+_ARCHITECTURES: dict[str, _Arch] = {
+    "llama": _Arch("llama", "LlamaForCausalLM", _LLAMA_BLOCK, _llama_keys, permute_qk=True),
+    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCK, _qwen2_keys),
+    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCK, **_QK_NORMS}, _qwen3_keys),
+    "gemma": _Arch("gemma", "GemmaForCausalLM", _LLAMA_BLOCK, _gemma_keys, norm_shift=1.0),
+    "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", _GEMMA2_BLOCK, _gemma2_keys, norm_shift=1.0),
+    "gemma3": _Arch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA2_BLOCK, **_QK_NORMS}, _gemma3_keys,
+                    norm_shift=1.0),
+    "olmo2": _Arch("olmo2", "Olmo2ForCausalLM", _OLMO2_BLOCK, _olmo2_keys),
+    "phi3": _Arch("phi3", "Phi3ForCausalLM", _PHI3_BLOCK, _phi3_keys),
+}
+# RoPE variants llama.cpp stores that jaxpref does not implement: frequency-factor tensors
+# (Llama 3.1's `rope_freqs`, Phi-3 128k's LongRoPE factors) and scaling types other than these.
+_ROPE_FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+_ROPE_SCALING = {"gemma3": ("none", "linear")}
+
+
 def hf_config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
-    """The ``config.json`` dict transformers builds from the same GGUF metadata.
+    """The ``config.json`` dict of the HF model the file was converted from.
+
+    Where transformers' GGUF loader reads a key, the value is the one it reads. Where the
+    converter stores something transformers does not read back (Gemma 2's soft-caps, Gemma 3's
+    local RoPE base and layer pattern, Phi-3's rotary width and window, Qwen3's ``head_dim``),
+    it is taken from the file; where the file has no key at all, from llama.cpp's own rule
+    (Gemma's ``query_pre_attn_scalar``, its layer pattern and default caps / window).
 
     Args:
       meta: GGUF metadata (``general.architecture``, ``{arch}.block_count``, ...).
       tensor_names: names of the file's tensors (decides tied embeddings and biases).
+
+    Raises:
+      GGUFError: an architecture or RoPE variant jaxpref does not implement, or a missing key.
     """
     arch = meta["general.architecture"]
     if arch not in _ARCHITECTURES:
-        raise NotImplementedError(f"GGUF architecture {arch!r} is not supported (supported: {sorted(_ARCHITECTURES)})")
-    if "rope_freqs.weight" in tensor_names or f"{arch}.rope.scaling.type" in meta:
-        # Llama-3.1-style RoPE scaling lives in a `rope_freqs` tensor GGUF keeps instead of the
-        # HF `rope_scaling` parameters; rebuilding those is not implemented.
-        raise NotImplementedError("GGUF files with RoPE scaling (rope_freqs / rope.scaling.*) are not supported")
+        raise GGUFError(f"GGUF architecture {arch!r} is not supported (supported: {sorted(_ARCHITECTURES)})")
+    m = _Meta(meta, frozenset(tensor_names))
+    for name in _ROPE_FACTOR_TENSORS:
+        if name in tensor_names:
+            raise GGUFError(f"GGUF {arch}: tensor {name!r} (RoPE frequency factors: Llama 3.1 / "
+                                      "LongRoPE scaling) is not supported")
+    scaling = m("rope.scaling.type", "none")
+    if scaling not in _ROPE_SCALING.get(arch, ("none",)):
+        raise GGUFError(f"GGUF {arch}: {arch}.rope.scaling.type {scaling!r} is not supported "
+                                  f"(supported: {list(_ROPE_SCALING.get(arch, ('none',)))})")
 
-    def get(key, default=None):
-        return meta.get(f"{arch}.{key}", default)
-
-    n_heads = int(get("attention.head_count"))
-    n_kv = int(get("attention.head_count_kv", n_heads))
-    hidden = int(get("embedding_length"))
-    head_dim = int(get("attention.key_length", hidden // n_heads))
-    vocab = get("vocab_size")
+    n_heads = int(m("attention.head_count"))
+    hidden = int(m("embedding_length"))
+    vocab = m("vocab_size", None)
     if vocab is None:
         vocab = len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta else None
-    rope_theta = float(get("rope.freq_base", 10000.0))
+    rope_theta = float(m("rope.freq_base", 10000.0))
     spec = _ARCHITECTURES[arch]
     config = {
-        "architectures": list(spec["architectures"]),
-        "model_type": spec["model_type"],
+        "architectures": [spec.architecture],
+        "model_type": spec.model_type,
         "vocab_size": int(vocab) if vocab is not None else None,
         "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(m("feed_forward_length")),
+        "num_hidden_layers": int(m("block_count")),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "num_key_value_heads": int(m("attention.head_count_kv", n_heads)),
+        "head_dim": int(m("attention.key_length", hidden // n_heads)),
+        "max_position_embeddings": int(m("context_length", 2048)),
+        "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": rope_theta,
         "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
-        "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
         "dtype": "float32",
     }
-    if arch == "qwen2":
-        del config["attention_bias"], config["mlp_bias"]  # Qwen2 always has q/k/v biases
+    config.update(spec.config(m, config))
+    if config["rope_theta"] is None:  # per-layer-type rope_parameters only (Gemma 3)
+        del config["rope_theta"]
     for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                              ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{gguf_key}" in meta:
@@ -241,7 +430,7 @@ def read_gguf_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarr
     """``(hf_config, state_dict)``: float32 numpy weights under HF names and layout.
 
     Raises:
-      NotImplementedError: unsupported architecture, or a tensor the name table does not know.
+      GGUFError: unsupported architecture or option, or a tensor the name table does not know.
     """
     import gguf
 
@@ -249,20 +438,23 @@ def read_gguf_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarr
     meta = _metadata(reader)
     names = {t.name for t in reader.tensors}
     config = hf_config_from_metadata(meta, names)
-    permute = _ARCHITECTURES[meta["general.architecture"]]["permute_qk"]
+    arch = meta["general.architecture"]
+    spec = _ARCHITECTURES[arch]
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
 
     state_dict: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
-        hf_name = hf_tensor_name(tensor.name)
+        hf_name = hf_tensor_name(tensor.name, arch)
         if hf_name is None:
-            raise NotImplementedError(f"GGUF tensor {tensor.name!r} has no HF mapping")
+            raise GGUFError(f"GGUF {arch}: tensor {tensor.name!r} has no HF mapping")
         # ggml lists dims fastest-first; numpy (and HF) want them slowest-first.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         value = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
-        if permute and kind in heads:
+        if spec.permute_qk and kind in heads:
             value = unpermute_qk(value, heads[kind])
+        if spec.norm_shift and tensor.name.endswith("norm.weight"):
+            value = value - np.float32(spec.norm_shift)
         state_dict[hf_name] = np.ascontiguousarray(value, dtype=np.float32)
 
     if config["vocab_size"] is None:
@@ -274,7 +466,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], obj
     """Read a GGUF file into ``(hf_config, state_dict, tokenizer)``.
 
     Args:
-      path: a ``.gguf`` file (architectures ``llama`` -- incl. Mistral/SmolLM -- and ``qwen2``).
+      path: a ``.gguf`` file (architectures ``llama`` -- incl. Mistral/SmolLM --, ``qwen2``,
+        ``qwen3``, ``gemma``, ``gemma2``, ``gemma3`` (text), ``olmo2``, ``phi3``).
 
     Returns:
       hf_config: dict in transformers' ``config.json`` form (``model_type``, ``hidden_size``, ...;
@@ -347,7 +540,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", help="input .gguf file")
     parser.add_argument("out_dir", help="output directory (config.json, model.safetensors, tokenizer files)")
     args = parser.parse_args(argv)
-    out = gguf_to_hf_dir(args.src, args.out_dir)
+    from jaxpref import cli
+
+    try:
+        out = gguf_to_hf_dir(args.src, args.out_dir)
+    except cli.expected_errors() as err:
+        cli.fail(err)  # one line, no traceback
     print(f"wrote {out}")
 
 

@@ -12,6 +12,9 @@ prefix of the full conversation. ``template="space"`` puts a space after each ro
 generation prompt ends in ``" "``, which merges with the first word of the response (``" Sure"``
 is one pre-token): the prompt's tokens are then *not* a prefix of the full conversation's, the
 real-world case the prompt-prefix check in :mod:`jaxpref.data.tokenize` exists for.
+
+``add_gguf_bpe_tokenizer(writer)`` writes a minimal byte-level BPE vocabulary as llama.cpp
+tokenizer metadata into a ``gguf.GGUFWriter``, for tiny GGUF test files.
 """
 
 from __future__ import annotations
@@ -73,3 +76,29 @@ def make_tokenizer(vocab_size: int = 512, template: str | None = "simple"):
     if template is not None:
         tok.chat_template = CHAT_TEMPLATES[template]
     return tok
+
+
+GGUF_BPE_VOCAB = 260  # tokens written by add_gguf_bpe_tokenizer
+
+
+def add_gguf_bpe_tokenizer(writer) -> None:
+    """Minimal llama.cpp tokenizer metadata on a ``gguf.GGUFWriter`` (for tiny GGUF test files).
+
+    A byte-level BPE vocabulary of :data:`GGUF_BPE_VOCAB` tokens: 3 control tokens
+    (``<|endoftext|>``, ``<|im_start|>`` = BOS 1, ``<|im_end|>`` = EOS and PAD 2), the 256 byte
+    symbols, and one merge (``"Ġ t"`` -> the last token); plus a one-line chat template.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + symbols + ["Ġt"]
+    assert len(tokens) == GGUF_BPE_VOCAB
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["Ġ t"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
