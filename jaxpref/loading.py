@@ -170,7 +170,8 @@ def _load_model(spec: str, *, overrides: dict | None = None, seed: int = 0, mesh
         from jaxpref.models import gguf_io
 
         path = gguf_path(rest)
-        model, _ = gguf_io.load_gguf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, **(overrides or {}))
+        model, _ = gguf_io.load_gguf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, with_tokenizer=False,
+                                     **(overrides or {}))
         # a packaged name stays a name in model.json (portable); a file stays its path
         return LoadedModel(model, spec, f"gguf:{rest if rest in PACKAGED_GGUF else path}")
     if kind == "llama2c":

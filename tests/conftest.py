@@ -42,6 +42,9 @@ JIT_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": os.environ["JAXPREF_TEST_JIT_CACHE
                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 for _key, _value in JIT_CACHE_ENV.items():
     os.environ.setdefault(_key, _value)
+if "JAXPREF_GGUF_CACHE" not in os.environ:  # one converted-GGUF cache for the run (jaxpref.models.gguf_cache)
+    os.environ["JAXPREF_GGUF_CACHE"] = tempfile.mkdtemp(prefix="jaxpref-test-gguf-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXPREF_GGUF_CACHE"], True)
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -387,6 +387,13 @@ def hf_config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
 
 
 def gguf_tokenizer(path: str | os.PathLike):
+    """The GGUF's tokenizer (:func:`convert_tokenizer`), through :mod:`jaxpref.models.gguf_cache`."""
+    from jaxpref.models import gguf_cache
+
+    return gguf_cache.tokenizer(path, convert_tokenizer)
+
+
+def convert_tokenizer(path: str | os.PathLike):
     """The GGUF's tokenizer as a ``transformers`` fast tokenizer, chat template included.
 
     Built by transformers' GGUF tokenizer converter from the file's vocab, merges, token types
@@ -476,7 +483,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], obj
         ``lm_head.weight`` is absent when embeddings are tied.
       tokenizer: a ``transformers`` fast tokenizer (with ``chat_template``), or ``None``.
     """
-    config, state_dict = read_gguf_tensors(path)
+    from jaxpref.models import gguf_cache
+
+    config, state_dict = gguf_cache.tensors(path, read_gguf_tensors)
     return config, state_dict, gguf_tokenizer(path)
 
 
@@ -507,9 +516,11 @@ def load_gguf(
     mesh=None,
     dtype: str | None = None,
     param_dtype: str | None = None,
+    with_tokenizer: bool = True,
     **config_overrides,
 ):
-    """A jaxpref model and its tokenizer from a GGUF file: ``(model, tokenizer)``.
+    """A jaxpref model and its tokenizer from a GGUF file: ``(model, tokenizer)`` (tokenizer ``None`` with
+    ``with_tokenizer=False``).
 
     The weights are dequantized to float32 (:func:`read_gguf`), then loaded through the
     family's HF key table (:func:`jaxpref.models.hf_io.params_from_hf`), so the model sees
@@ -523,10 +534,11 @@ def load_gguf(
       **config_overrides: further :class:`~jaxpref.models.config.ModelConfig` fields
         (e.g. ``remat=True``).
     """
-    from jaxpref.models import hf_io
+    from jaxpref.models import gguf_cache, hf_io
     from jaxpref.models.config import ModelConfig
 
-    hf_config, state_dict, tokenizer = read_gguf(path)
+    hf_config, state_dict = gguf_cache.tensors(path, read_gguf_tensors)
+    tokenizer = gguf_tokenizer(path) if with_tokenizer else None
     overrides = dict(config_overrides)
     overrides.update({k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None})
     config = ModelConfig.from_hf_config(hf_config, **overrides)
