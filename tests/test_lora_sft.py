@@ -1,7 +1,8 @@
 """LoRA SFT, then LoRA DPO from it: ``train.sft`` with a ``lora`` section trains and checkpoints only adapters; a
 DPO run whose ``model.source`` is that run folds the SFT adapters into its base, so its reference (the base with
-its own adapters off) is the SFT policy and its step-0 loss is exactly ln 2. The SFT run evaluates every step
-(``train.eval_every``) on its own training rows: the step-0 held-out NLL equals the loss of step 1."""
+its own adapters off) is the SFT policy and its step-0 loss is exactly ln 2. The SFT run trains with adapter
+dropout and evaluates every step (``train.eval_every``) on its own training rows: the step-0 held-out NLL (no
+dropout) equals the loss of step 1 (dropout, but B = 0: the adapters add exactly 0)."""
 
 import json
 
@@ -45,7 +46,8 @@ def runs(tmp_path_factory, shared_data):
         (tmp / "hh8.jsonl").write_text("".join(next(f) for _ in range(8)))
     run_training(load_config(RunConfig, None, [
         f"run_dir={tmp / 'sft'}", f"data.train={hh}", "model.source=preset:tiny_llama", "model.tokenizer=builtin",
-        *COMMON, f"data.eval={tmp / 'hh8.jsonl'}", "train.eval_every=1"]), kind="sft")
+        *COMMON, "lora={rank: 4, alpha: 8, dropout: 0.1}", f"data.eval={tmp / 'hh8.jsonl'}", "train.eval_every=1"]),
+        kind="sft")
     run_training(load_config(RunConfig, None, [
         f"run_dir={tmp / 'dpo'}", f"data.train={hh}", f"model.source=run:{tmp / 'sft'}", *COMMON]))
     return tmp
@@ -58,6 +60,7 @@ def test_lora_sft_trains_and_checkpoints_only_adapters(runs):
     assert [r["step"] for r in evals] == [0, 1, 2, 3] and evals[-1]["eval/loss"] < evals[0]["eval/loss"]
     # the held-out rows are the 8 training rows (one batch): step 0's evaluation of the base is step 1's loss,
     # token-mean NLLs of the same tokens in two layouts (float32 rounding)
+    assert load_config(RunConfig, runs / "sft" / "config.yaml", []).lora.dropout == 0.1
     assert evals[0]["eval/loss"] == pytest.approx(got[0], rel=1e-5)
     tree = ocp.StandardCheckpointHandler().metadata(runs / "sft" / "checkpoints" / "3" / "params").tree
     paths = [[str(getattr(k, "key", k)) for k in p] for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
