@@ -1,12 +1,9 @@
-"""LoRA runs whose reference does more than score pairs: TYPO's reference samples and held-out evaluation.
+"""LoRA runs whose reference does more than score pairs: TYPO's reference samples and TR-DPO's synced reference.
 
 (a) A LoRA run with TYPO (reference samples) trains a loaded PEFT adapter whose B is not zero, so its policy at
 step 0 is not its base: the reference samples it draws are the base model's own samples with the adapters off
 (generated here independently, from a freshly built base) and not the adapted model's; the term is logged.
-(b) ``train.eval_every`` with ``reference.source`` (the reference in its own graph): the held-out pairs are the
-training pairs, so the step-0 ``eval/loss`` (the evaluator's forward of the base and of that reference) equals the
-loss of training step 1 (the step's forward of the same parameters), and it is not ln 2 (another reference).
-(c) TR-DPO with LoRA (``reference.sync_every=1``, hard sync): the reference is the base plus the adapters copied
+(b) TR-DPO with LoRA (``reference.sync_every=1``, hard sync): the reference is the base plus the adapters copied
 at the last sync, so every step's policy is its reference and every loss is exactly ln 2 while the adapters
 move; the checkpoint's synced reference is that step's adapters.
 """
@@ -21,7 +18,7 @@ import pytest
 from flax import nnx
 
 from jaxpref.config import RunConfig, load_config
-from jaxpref.models import build_model, hf_io, lora, lora_peft, presets
+from jaxpref.models import build_model, lora, lora_peft, presets
 from jaxpref.testing.models import fast_compile
 from jaxpref.training import loop
 
@@ -96,23 +93,6 @@ def test_typo_reference_samples_are_the_base_models(tmp_path, pairs8, monkeypatc
     np.testing.assert_array_equal(got.lengths, base.lengths)
     adapted = samples_of(lora.merged(src), tmp_path / "adapted")
     assert not np.array_equal(adapted.tokens, got.tokens)  # the adapters on would have sampled otherwise
-
-
-def test_eval_with_a_reference_of_its_own(tmp_path, pairs8):
-    hf_io.save_hf(build_model(presets.tiny_llama(vocab_size=512), rngs=7), tmp_path / "ref")
-    run_dir = tmp_path / "run"
-    loop.run_training(load_config(RunConfig, None, [
-        f"run_dir={run_dir}", f"data.train={pairs8}", f"data.eval={pairs8}", *COMMON, "lora={rank: 4, alpha: 8}",
-        f"reference.source=hf:{tmp_path / 'ref'}", "train.eval_every=1", "train.eval_batch_size=8"]))
-    rows = metrics(run_dir)
-    evals = [r for r in rows if "eval/loss" in r]
-    train = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in evals] == [0, 1] and [r["step"] for r in train] == [1]
-    assert abs(train[0]["loss"] - LN2) > 1e-3  # the reference is another model than the base
-    # the same 8 pairs, the same parameters: the evaluator's loss and the step's agree to float32 rounding
-    assert evals[0]["eval/loss"] == pytest.approx(train[0]["loss"], rel=1e-5, abs=1e-6)
-    assert evals[0]["eval/pairs"] == 8
-    assert all(np.isfinite(r["eval/R_star_median"]) for r in evals)
 
 
 def test_tr_dpo_syncs_a_copy_of_the_adapters(tmp_path, pairs8):
