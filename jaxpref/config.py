@@ -291,8 +291,9 @@ class ReferenceConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapters on the policy (:mod:`jaxpref.models.lora`): only the adapters train, the base is frozen and
-    the DPO reference is the base with the adapters off (no second parameter tree). Enable with ``lora={}``
-    (defaults) or e.g. ``'lora={rank: 16, alpha: 32}'``.
+    the DPO reference is the base with the adapters off (no second parameter tree; with ``reference.sync_every``,
+    TR-DPO, the base plus a copy of the adapters taken at each sync, ``reference.sync_alpha`` 1 only). Enable with
+    ``lora={}`` (defaults) or e.g. ``'lora={rank: 16, alpha: 32}'``.
 
     Attributes:
       rank: adapter rank r >= 1.
