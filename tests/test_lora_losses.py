@@ -1,11 +1,11 @@
 """Every registered loss trains LoRA adapters: one LoRA preference step whose composition holds every loss of the
-registry as its own term (TYPO's with reference samples), compiled once.
+registry as its own term (TYPO's with reference samples), with adapter dropout, compiled once.
 
 Each term's batch value is finite; the update touches the adapters alone (the optimizer state holds adapter
 moments only and the frozen base comes back bitwise unchanged, undonated); the gradient is finite and reaches the
 B factors (at B = 0 the A factors get exactly zero, d(x A B)/dA = x^T g B^T); and at the zero-initialised adapters
-the policy log-probs equal the reference's (the base with the adapters off) bitwise, so every reference-based
-reward is exactly 0.
+the policy log-probs equal the reference's (the base with the adapters off) bitwise, dropout or not (B = 0: the
+adapters add exactly 0), so every reference-based reward is exactly 0.
 """
 
 import jax
@@ -52,7 +52,8 @@ def _step_every_loss():
     comp = losses.compose([{"name": n, "key": n, **HPARAMS.get(n, {})} for n in names])
     optimizer = optax.adam(1e-2)
     step = jax.jit(steplib.make_preference_step(parts["graphdef"], parts["rest"], optimizer, comp, seq_chunk=16,
-                                                vocab_chunk=64, base_graphdef=base_graphdef), donate_argnums=(0,))
+                                                vocab_chunk=64, base_graphdef=base_graphdef, lora_dropout=0.1),
+                   donate_argnums=(0,))
     batch = make_batch(model.config.vocab_size)
     batch = batch.replace(ref_samples=sample_batch(model.config.vocab_size, batch.input_ids.shape[0]))
     state = steplib.init_state(parts["adapters"], optimizer, seed=0)
