@@ -103,7 +103,7 @@ def test_unsupported_lora_settings_are_one_line_errors(tmp_path, hh):
     cases = [("reward", [], "lora is supported by train.preference and train.sft, not reward runs"),
              ("preference", ["reference.sync_every=2", "reference.sync_alpha=0.5"], r"sync_alpha=0.5 < 1"),
              ("preference", ["reference.sync_every=2", "reference.source=preset:tiny_llama"],
-              "drop reference.source")]
+              "not reference.source: drop one of them")]
     for kind, extra, match in cases:
         with pytest.raises(RunError, match=match):
             run_training(cfg_for(tmp_path / "x", hh, *extra), kind=kind)

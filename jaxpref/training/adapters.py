@@ -5,7 +5,9 @@ state hold only ``nnx.LoRAParam`` leaves, so checkpoints hold only them too. The
 the source ``model.json`` records under ``lora`` (source spec, seed, overrides, quantisation), never written
 again at a save, and passed to the step as its non-donated ``ref_params`` argument; a ``live`` or
 ``precomputed`` reference is the base with the adapters off, so there is no second parameter tree, unless
-``reference.source`` names another model (then that model, run with its own graph).
+``reference.source`` names another model (then that model, run with its own graph). TR-DPO
+(``reference.sync_every``) keeps one adapter tree more: the reference is the base plus a copy of the policy's
+adapters taken at each sync (hard updates only).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def check_supported(cfg: RunConfig, kind: str, run_error: type[Exception]) -> No
          f"lora with reference.sync_alpha={cfg.reference.sync_alpha} < 1: mixing the adapter factors A and B is not "
          "mixing the weights (B A is bilinear); use reference.sync_alpha=1 (TR-DPO's hard update)"),
         (cfg.reference.sync_every > 0 and cfg.reference.source is not None,
-         "lora with reference.sync_every > 0 syncs the base's adapters into the reference: drop reference.source"),
+         "lora with reference.sync_every > 0 makes the reference the base plus synced copies of the policy's "
+         "adapters, not reference.source: drop one of them"),
     ]
     for bad, message in refusals:
         if bad:
