@@ -100,8 +100,11 @@ def metrics(run_dir):
 
 
 def test_unsupported_lora_settings_are_one_line_errors(tmp_path, hh):
-    cases = [("reward", [], "lora is supported by train.preference and train.sft, not reward runs"),
-             ("preference", ["reference.sync_every=2", "reference.sync_alpha=0.5"], r"sync_alpha=0.5 < 1"),
+    from jaxpref.training.wro import run_wro
+
+    with pytest.raises(RunError, match="not wro runs"):
+        run_wro(cfg_for(tmp_path / "x", hh, "wro.prompts=p.txt", "wro.judge=m:f"))
+    cases = [("preference", ["reference.sync_every=2", "reference.sync_alpha=0.5"], r"sync_alpha=0.5 < 1"),
              ("preference", ["reference.sync_every=2", "reference.source=preset:tiny_llama"],
               "not reference.source: drop one of them")]
     for kind, extra, match in cases:

@@ -32,7 +32,8 @@ def check_supported(cfg: RunConfig, kind: str, run_error: type[Exception]) -> No
     if cfg.lora is None and cfg.model.adapter is None:
         return
     refusals = [
-        (kind not in ("preference", "sft"), f"lora is supported by train.preference and train.sft, not {kind} runs"),
+        (kind not in ("preference", "sft", "reward"),
+         f"lora is supported by train.preference, train.sft and train.reward_model, not {kind} runs"),
         (cfg.model.adapter is not None and cfg.lora is None,
          "model.adapter without a lora section: set lora={} to train the adapter (the base stays frozen)"),
         (cfg.reference.sync_every > 0 and cfg.reference.sync_alpha < 1,

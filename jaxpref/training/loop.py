@@ -440,7 +440,8 @@ def make_train_step(cfg: RunConfig, kind: str, graphdef, rest, optimizer, comp=N
     if kind == "reward":
         from jaxpref.reward_model import make_reward_step
 
-        return make_reward_step(graphdef, rest, optimizer, **common)
+        return make_reward_step(graphdef, rest, optimizer, frozen_base=base_graphdef is not None,
+                                lora_dropout=dropout, **common)
     raise ValueError(f"unknown run kind {kind!r}: expected preference, sft or reward")
 
 

@@ -227,6 +227,8 @@ def setup(cfg: RunConfig, kind: str, devices) -> Setup:
         from jaxpref.training.adapters import check_supported
 
         check_supported(cfg, kind, PlanError)
+        if kind == "reward":
+            raise PlanError("train.plan does not model LoRA reward models yet (the adapters plus the reward head)")
         model, base_graphdef = abstract_lora_model(config, cfg.lora)
         graphdef, params, base, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
         params, base = _sharded(params, mesh), _sharded(base, mesh)
