@@ -291,13 +291,15 @@ class ReferenceConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapters on the policy (:mod:`jaxpref.models.lora`): only the adapters train, the base is frozen and
-    the DPO reference is the base with the adapters off (no second parameter tree). Enable with ``lora={}``
-    (defaults) or e.g. ``'lora={rank: 16, alpha: 32}'``.
+    the DPO reference is the base with the adapters off (no second parameter tree; with ``reference.sync_every``,
+    TR-DPO, the base plus a copy of the adapters taken at each sync, ``reference.sync_alpha`` 1 only). Enable with
+    ``lora={}`` (defaults) or e.g. ``'lora={rank: 16, alpha: 32}'``.
 
     Attributes:
       rank: adapter rank r >= 1.
       alpha: the update is ``alpha / rank * B A``.
-      dropout: dropout on the adapter input; only 0 is implemented.
+      dropout: dropout rate on the adapters' input in training steps (PEFT's ``lora_dropout``; never in the
+        reference, evaluation or generation), keyed by ``train.seed`` and the step.
       targets: regex (``re.search``) over projection paths such as ``layers.0.attn.query_dnh`` or
         ``layers.3.mlp.down_fd``; the default takes every attention and MLP projection.
       quantize: ``int8`` or ``int4``: store the frozen base quantised (QLoRA, :func:`jaxpref.models.lora.quantize`);
@@ -315,8 +317,8 @@ class LoraConfig:
     def __post_init__(self):
         if self.rank <= 0:
             raise ConfigError(f"lora.rank={self.rank!r}: expected a positive integer")
-        if self.dropout != 0.0:
-            raise ConfigError(f"lora.dropout={self.dropout!r}: only 0 is implemented")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout!r}: expected a rate in [0, 1)")
         if not self.targets:
             raise ConfigError("lora.targets is empty: expected a regex over parameter paths")
 

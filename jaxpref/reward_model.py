@@ -14,12 +14,16 @@ Orbax checkpointer and metrics writer, and writes a run directory like ``train.p
 ``model.json`` marking ``"reward_model": true``). The backbone may be any model spec (``preset:``,
 ``hf:``, ``run:`` ...).
 
+With a ``lora:`` section the backbone's adapters (:mod:`jaxpref.training.adapters`) and the head train and are
+checkpointed; the backbone is frozen, rebuilt from ``model.json``'s ``lora`` record on loading.
+
 As a judge (``rm:RUN_DIR[@STEP]``), :class:`RewardModelJudge` tokenises ``(prompt, a, b)`` with the
 run's tokenisation settings and returns ``P(a ≻ b) = σ(r(a) − r(b))``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,8 +41,9 @@ from jaxpref.config import RunConfig, load_config, to_dict
 from jaxpref.data.formats import PreferenceRecord
 from jaxpref.data.tokenize import tokenize_pairs
 from jaxpref.loading import SpecError, load_tokenizer, parse_run_spec, single_device_target
+from jaxpref.models import lora
+from jaxpref.training import adapters, loop, optim
 from jaxpref.training import checkpoint as ckpt
-from jaxpref.training import loop, optim
 from jaxpref.training import step as steplib
 from jaxpref.training.eval_during import RewardEvaluator
 from jaxpref.training.logging import progress_bar
@@ -47,6 +52,8 @@ from jaxpref.types import PairBatch
 log = logging.getLogger(__name__)
 
 Array = jax.Array
+# what a LoRA reward model trains: the backbone's adapters and the scalar head
+TRAINED_WITH_LORA = nnx.Any(nnx.LoRAParam, nnx.PathContains("score_d"), nnx.PathContains("score_bias"))
 
 
 class RewardModel(nnx.Module):
@@ -96,29 +103,35 @@ def bt_metrics(rewards: Array, mask: Array) -> tuple[Array, dict[str, Array]]:
 
 
 def make_reward_step(graphdef, rest, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
-                     nan_policy: str = "skip") -> Callable:
+                     nan_policy: str = "skip", frozen_base: bool = False, lora_dropout: float = 0.0) -> Callable:
     """``step(state, batch) -> (state, metrics)`` minimising the BT loss, with exact accumulation.
 
     Each micro-batch contributes ``sum(loss) / n_valid(full batch)``, so ``k`` micro-batches give the
-    full batch's loss and gradients.
+    full batch's loss and gradients. ``frozen_base`` (LoRA): ``step(state, base, batch)`` with ``state.params``
+    the adapters and the head (:data:`TRAINED_WITH_LORA`), ``base`` the frozen backbone (non-donated, not
+    differentiated) and ``lora_dropout`` the adapter dropout (:func:`jaxpref.training.step.make_preference_step`).
     """
+    dropping = frozen_base and lora_dropout > 0
 
-    def step(state: steplib.TrainState, batch: PairBatch):
+    def step(state: steplib.TrainState, batch: PairBatch, base=None):
         n_valid = jnp.maximum(batch.example_mask.sum(), 1).astype(jnp.float32)
 
-        def micro_loss(params, mb: PairBatch):
-            r = pair_rewards(graphdef, params, rest, mb)
+        def micro_loss(params, mb: PairBatch, key=None):
+            params = params if base is None else nnx.merge_state(params, base)
+            with lora.dropout(jax.random.fold_in(key, 0), lora_dropout) if dropping else contextlib.nullcontext():
+                r = pair_rewards(graphdef, params, rest, mb)
             loss, metrics = bt_metrics(r, mb.example_mask)
             w = mb.example_mask.sum().astype(jnp.float32) / n_valid  # micro-batch mean -> share of the batch
             return loss * w, {k: v * w for k, v in metrics.items()}
 
-        loss, metrics, grads = steplib.accumulate_gradients(micro_loss, state.params, (batch,), micro_batches)
+        loss, metrics, grads = steplib.accumulate_gradients(micro_loss, state.params, (batch,), micro_batches,
+                                                            key=steplib.step_key(state) if dropping else None)
         new_state, norms = steplib._apply(state, grads, loss, optimizer, nan_policy, {})
         metrics = {**metrics, **norms, "loss": loss, "tokens": (batch.segment_ids != 0).sum().astype(jnp.float32),
                    "pairs": batch.example_mask.sum().astype(jnp.float32)}
         return new_state, metrics
 
-    return step
+    return (lambda state, base, batch: step(state, batch, base)) if frozen_base else step
 
 
 _eval_rewards = jax.jit(pair_rewards, static_argnums=0)
@@ -147,6 +160,7 @@ def score_reward_pairs(model: RewardModel, pairs, *, batch_size: int = 8, bucket
 def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Trains a BT reward model (module docstring); returns the summary dict (also ``summary.json``)."""
     parallel.maybe_initialize_distributed()
+    adapters.check_supported(cfg, "reward", loop.RunError)
     try:
         mesh = parallel.make_mesh(cfg.mesh)
     except ValueError as err:
@@ -161,8 +175,15 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
     datasets = loop.load_datasets(cfg, tokenizer, run_dir, "preference", resume=resume)
     data, data_summary = datasets.train, datasets.summary
     steps = loop.total_steps(cfg, len(data))
+    lora_parts = None if cfg.lora is None else adapters.attach_for_run(cfg, setup, mesh)  # on the backbone
     rm = RewardModel(setup.loaded.model, seed=cfg.train.seed)
-    graphdef, params, rest = steplib.split_model(rm)
+    base = None
+    if lora_parts is None:
+        graphdef, params, rest = steplib.split_model(rm)
+    else:  # the adapters and the head train; the frozen backbone is the step's non-donated base
+        graphdef, params, base, rest = nnx.split(rm, TRAINED_WITH_LORA, nnx.Param, ...)
+        params, base = parallel.place_params(params, mesh), parallel.place_params(base, mesh)
+    eval_rest = rest if base is None else nnx.merge_state(base, rest)
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
     state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
     it = loop.open_iterator(cfg, data)
@@ -170,15 +191,17 @@ def run_reward_training(cfg: RunConfig, *, resume: bool = False) -> dict[str, An
     evaluator = None
     if datasets.eval is not None:  # held-out pairs (data.eval / data.eval_split) every train.eval_every steps
         evaluator = RewardEvaluator(lambda p: score_reward_pairs(
-            nnx.merge(graphdef, p, rest), datasets.eval, batch_size=cfg.train.eval_batch_size,
+            nnx.merge(graphdef, p, eval_rest), datasets.eval, batch_size=cfg.train.eval_batch_size,
             buckets=tuple(cfg.data.buckets), mesh=mesh), len(datasets.eval))
 
-    fn = loop.make_train_step(cfg, "reward", graphdef, rest, optimizer)
+    fn = loop.make_train_step(cfg, "reward", graphdef, rest, optimizer,
+                              base_graphdef=None if lora_parts is None else lora_parts["base_graphdef"])
     state_sh = parallel.tree_shardings(state)
-    jitted = loop.per_shape(lambda batch: loop.jit_train_step(fn, "reward", mesh, state_sh, batch))
+    base_sh = None if base is None else parallel.tree_shardings(base)
+    jitted = loop.per_shape(lambda batch: loop.jit_train_step(fn, "reward", mesh, state_sh, batch, ref_sh=base_sh))
 
     def call(state, placed):
-        return jitted(placed)(state, placed)
+        return jitted(placed)(state, placed) if base is None else jitted(placed)(state, base, placed)
 
     result = loop.run_steps(cfg, run_dir, state=state, it=it, checkpointer=checkpointer, call=call, steps=steps,
                             start=start, resume=resume, schedule=schedule, ckpt_meta={"config": to_dict(cfg)},
@@ -206,9 +229,13 @@ def load_reward_model(spec: str, *, mesh=None) -> tuple[RewardModel, Any, RunCon
     if not meta.get("reward_model"):
         raise SpecError(f"reward model {spec!r}: {run_dir} is not a reward-model run (train it with "
                         "python -m train.reward_model)")
-    config = models.ModelConfig.from_hf_config(meta["hf_config"])
-    rm = RewardModel(models.abstract_model(config) if mesh is None else models.build_model(config, rngs=0))
-    graphdef, params, rest = nnx.split(rm, nnx.Param, ...)
+    if "lora" in meta:  # the recorded backbone rebuilt with fresh adapters; the checkpoint holds adapters + head
+        rm = RewardModel(adapters.rebuild(meta["lora"], mesh=mesh).model)
+        graphdef, params, rest = nnx.split(rm, TRAINED_WITH_LORA, ...)
+    else:
+        config = models.ModelConfig.from_hf_config(meta["hf_config"])
+        rm = RewardModel(models.abstract_model(config) if mesh is None else models.build_model(config, rngs=0))
+        graphdef, params, rest = nnx.split(rm, nnx.Param, ...)
     params = single_device_target(params) if mesh is None else parallel.place_params(params, mesh)
     params, _ = ckpt.restore_params(run_dir / "checkpoints", params, step)
     cfg = load_config(RunConfig, run_dir / "config.yaml")

@@ -57,3 +57,8 @@ def test_lora_plan_table_names_adapters_and_frozen_base(plans):
 def test_int4_counts_half_a_byte():
     sds = jax.ShapeDtypeStruct((6, 4), "int4", sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     assert planlib.per_device_bytes([sds]) == 12
+
+
+def test_lora_reward_models_are_not_planned_yet():
+    with pytest.raises(planlib.PlanError, match="does not model LoRA reward models"):
+        planlib.plan(load_config(RunConfig, None, [*TINY, "lora={}"]), kind="reward", devices=jax.devices()[:1])

@@ -2,8 +2,9 @@
 micro-batches: step 0's loss is exactly ln 2 and the loss falls; the checkpoint holds only the
 adapters and their optimizer moments and records the base it needs; ``run:`` rebuilds the base and restores the
 adapters, and with the adapters off it is the base bitwise; the README command SIGKILLed after an asynchronous
-checkpoint write and resumed ends bitwise equal to the uninterrupted run. The run is the
-README's LoRA command (``### LoRA and QLoRA``) with size limits appended."""
+checkpoint write and resumed ends bitwise equal to the uninterrupted run (adapter dropout included: its masks are
+keyed by the checkpointed run key and step). The run is the README's LoRA command (``### LoRA and QLoRA``) with
+size limits appended."""
 
 import json
 import pathlib
@@ -60,6 +61,8 @@ def test_readme_commands_are_the_tested_ones():
     assert [c[:3] for c in (merge, adapter)] == [["python", "-m", "train.export_hf"]] * 2
     assert merge[-1] == "--merge" and adapter[-1] == "--adapter"  # as tests/test_lora_export.py runs them
     assert any(a.startswith("lora=") for a in train)
+    # with adapter dropout, so the kill-and-resume test below resumes the dropout masks too
+    assert load_config(RunConfig, REPO / train[4], train[5:]).lora.dropout > 0
 
 
 def metrics(run_dir):

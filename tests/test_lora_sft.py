@@ -1,6 +1,8 @@
 """LoRA SFT, then LoRA DPO from it: ``train.sft`` with a ``lora`` section trains and checkpoints only adapters; a
 DPO run whose ``model.source`` is that run folds the SFT adapters into its base, so its reference (the base with
-its own adapters off) is the SFT policy and its step-0 loss is exactly ln 2."""
+its own adapters off) is the SFT policy and its step-0 loss is exactly ln 2. The SFT run trains with adapter
+dropout and evaluates every step (``train.eval_every``) on its own training rows: the step-0 held-out NLL (no
+dropout) equals the loss of step 1 (dropout, but B = 0: the adapters add exactly 0)."""
 
 import json
 
@@ -24,8 +26,12 @@ COMMON = ["model.overrides={vocab_size: 512}", "data.limit=8", "data.max_length=
           "checkpoint.async_save=false"]
 
 
+def rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir):
-    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows(run_dir) if "loss" in r]
 
 
 def logits(model):
@@ -36,9 +42,12 @@ def logits(model):
 def runs(tmp_path_factory, shared_data):
     tmp = tmp_path_factory.mktemp("lora_sft")
     hh = shared_data / "hh_rlhf_helpful_base_test_2k.jsonl"
+    with hh.open() as f:  # data.limit=8: these rows are the training rows
+        (tmp / "hh8.jsonl").write_text("".join(next(f) for _ in range(8)))
     run_training(load_config(RunConfig, None, [
         f"run_dir={tmp / 'sft'}", f"data.train={hh}", "model.source=preset:tiny_llama", "model.tokenizer=builtin",
-        *COMMON]), kind="sft")
+        *COMMON, "lora={rank: 4, alpha: 8, dropout: 0.1}", f"data.eval={tmp / 'hh8.jsonl'}", "train.eval_every=1"]),
+        kind="sft")
     run_training(load_config(RunConfig, None, [
         f"run_dir={tmp / 'dpo'}", f"data.train={hh}", f"model.source=run:{tmp / 'sft'}", *COMMON]))
     return tmp
@@ -47,6 +56,12 @@ def runs(tmp_path_factory, shared_data):
 def test_lora_sft_trains_and_checkpoints_only_adapters(runs):
     got = losses(runs / "sft")
     assert got[-1] < got[0]
+    evals = [r for r in rows(runs / "sft") if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3] and evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    # the held-out rows are the 8 training rows (one batch): step 0's evaluation of the base is step 1's loss,
+    # token-mean NLLs of the same tokens in two layouts (float32 rounding)
+    assert load_config(RunConfig, runs / "sft" / "config.yaml", []).lora.dropout == 0.1
+    assert evals[0]["eval/loss"] == pytest.approx(got[0], rel=1e-5)
     tree = ocp.StandardCheckpointHandler().metadata(runs / "sft" / "checkpoints" / "3" / "params").tree
     paths = [[str(getattr(k, "key", k)) for k in p] for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     assert paths and all(any(k.endswith(("_lora_a", "_lora_b")) for k in p) for p in paths)

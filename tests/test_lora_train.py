@@ -5,7 +5,7 @@ ln 2 (policy and reference log-probs bitwise equal at B = 0), the base arrays co
 undonated, and after training the reference (the base graph) still gives the base model's log-probs. With a
 reference other than its base (``reference.source``) the step takes ``(frozen base, reference)`` and runs the
 reference with its own graph: at B = 0 it equals a full-parameter step whose policy is the base. Settings LoRA
-does not support yet are one-line errors.
+does not support are one-line errors.
 """
 
 import json
@@ -100,11 +100,13 @@ def metrics(run_dir):
 
 
 def test_unsupported_lora_settings_are_one_line_errors(tmp_path, hh):
-    cases = [("reward", [], "lora is supported by train.preference and train.sft, not reward runs"),
-             ("sft", ["train.eval_every=1", "data.eval_split=0.25"], "supported by train.preference only, not sft"),
-             ("preference", ["train.eval_every=1", "data.eval_split=0.25", "reference.source=preset:tiny_llama"],
-              "train.eval_every > 0 and reference.source"),
-             ("preference", ["reference.sync_every=2"], "reference.sync_every")]
+    from jaxpref.training.wro import run_wro
+
+    with pytest.raises(RunError, match="not wro runs"):
+        run_wro(cfg_for(tmp_path / "x", hh, "wro.prompts=p.txt", "wro.judge=m:f"))
+    cases = [("preference", ["reference.sync_every=2", "reference.sync_alpha=0.5"], r"sync_alpha=0.5 < 1"),
+             ("preference", ["reference.sync_every=2", "reference.source=preset:tiny_llama"],
+              "not reference.source: drop one of them")]
     for kind, extra, match in cases:
         with pytest.raises(RunError, match=match):
             run_training(cfg_for(tmp_path / "x", hh, *extra), kind=kind)

@@ -120,3 +120,33 @@ def test_train_two_steps_and_judge(tmp_path, shared_data):
     (policy_run / "model.json").write_text(json.dumps({"hf_config": {}, "tokenizer": None}))
     with pytest.raises(SpecError, match="not a reward-model run"):
         load_judge(f"rm:{policy_run}")
+
+
+def test_lora_reward_model_trains_adapters_and_head_and_loads_as_a_judge(tmp_path, shared_data):
+    """A LoRA reward model checkpoints only the adapters and the head; ``rm:`` rebuilds the backbone from the
+    record and restores them: the judge's rewards of the held-out pairs give the last step's logged eval/loss."""
+    import orbax.checkpoint as ocp
+
+    from jaxpref.data.formats import format_config, load_preferences
+    from train.reward_model import main
+
+    pairs = tmp_path / "hh8.jsonl"
+    with (shared_data / "hh_rlhf_helpful_base_test_2k.jsonl").open() as f:
+        pairs.write_text("".join(next(f) for _ in range(8)))
+    run = tmp_path / "rm"
+    main([f"run_dir={run}", f"data.train={pairs}", f"data.eval={pairs}", "model.source=preset:tiny_llama",
+          "model.tokenizer=builtin", "model.overrides={vocab_size: 512}", "data.max_length=32", "data.buckets=[32]",
+          "train.batch_size=8", "train.steps=2", "optim.lr=1e-2", "lora={rank: 4, alpha: 8, dropout: 0.1}",
+          "logging.progress=false", "logging.tensorboard=false", "checkpoint.async_save=false"])
+    tree = ocp.StandardCheckpointHandler().metadata(run / "checkpoints" / "2" / "params").tree
+    keys = [[str(getattr(k, "key", k)) for k in p] for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    names = {k[-2] if k[-1] == "value" else k[-1] for k in keys}
+    assert names and all(n.endswith(("_lora_a", "_lora_b")) or n in ("score_d", "score_bias") for n in names)
+    assert {"score_d", "score_bias"} <= names
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x][-1]
+    judge = load_judge(f"rm:{run}")
+    records = load_preferences(str(pairs), format_config(None)).records
+    r = judge.rewards([x.prompt for x in records], [x.chosen for x in records], [x.rejected for x in records])
+    margin = r[:, 0].astype(np.float64) - r[:, 1]
+    assert last["step"] == 2 and np.all(np.isfinite(margin))
+    assert float(np.mean(np.logaddexp(0.0, -margin))) == pytest.approx(last["eval/loss"], rel=1e-5)

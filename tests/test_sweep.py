@@ -226,21 +226,34 @@ TINY = ["model.source=preset:tiny_llama", "model.tokenizer=builtin", "model.over
         "loss=[{name: sigmoid}]"]
 
 
+def test_lora_rank_grid_expands_to_lora_runs(tmp_path):
+    spec = sweep.load_sweep(write_sweep(tmp_path, {"overrides": ["lora={}"], "grid": {"lora.rank": [2, 4]}}))
+    runs = sweep.expand(spec, tmp_path / "out")
+    sweep.validate(spec, runs)
+    cfgs = [load_config(RunConfig, spec.base, r.overrides) for r in runs]
+    assert [r.name for r in runs] == ["rank=2", "rank=4"] and [c.lora.rank for c in cfgs] == [2, 4]
+
+
 def test_real_two_run_sweep(tmp_path, shared_data, subprocess_env):
-    """One real run (1 step) and one that fails fast (missing data file); the sweep carries on."""
+    """One real LoRA run (1 step, the grid's ``lora.rank``) and one that fails fast (missing data file); the sweep
+    carries on."""
     hh = shared_data / "hh_rlhf_helpful_base_test_2k.jsonl"
-    common = [*TINY, "train.steps=1"]
+    common = [*TINY, "train.steps=1", "lora={alpha: 4}"]
     (tmp_path / "run.yaml").write_text("run_dir: runs/x\n")
     path = tmp_path / "real.yaml"
     path.write_text(yaml.safe_dump({"base": "run.yaml", "kind": "preference", "overrides": common,
-                                    "grid": {"data.train": [str(hh), str(tmp_path / "missing.jsonl")]}}))
+                                    "grid": {"data.train": [str(hh), str(tmp_path / "missing.jsonl")],
+                                             "lora.rank": [2]}}))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "train.sweep", "--sweep", str(path), "--out", str(out)],
                           cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]  # one run failed: recorded, reported, non-zero exit
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["status"] for r in rows] == ["ok", "failed"], proc.stderr[-3000:]
-    assert float(rows[0]["loss"]) == pytest.approx(0.6931, abs=1e-3)  # step 1: policy == reference
+    assert float(rows[0]["loss"]) == pytest.approx(0.6931, abs=1e-3)  # step 1: policy == reference (B = 0)
+    assert rows[0]["lora.rank"] == "2"
+    adapters = json.loads((out / rows[0]["name"] / "model.json").read_text())["lora"]["adapters"]
+    assert adapters and {a["rank"] for a in adapters.values()} == {2}
     assert rows[0]["rewards/accuracies"] != "" and float(rows[0]["tokens_per_s"]) > 0
     assert "missing.jsonl" in rows[1]["error"]
     assert (out / "results.md").is_file() and (out / "sweep.json").is_file()

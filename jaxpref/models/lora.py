@@ -37,10 +37,20 @@ logical axes) and the steps sit beside it as ``<name>_qscale [(L,) 1.., *out]`` 
 dequantises inside every projection, so compute runs in the model's dtype while the stored base takes 1 (int8) or
 1/2 (int4, packed by accelerators; CPU stores a byte) byte per weight. Embeddings, norms and the head stay as
 they are.
+
+Adapter dropout (``lora.dropout``, PEFT's ``lora_dropout``): in training steps only, the low-rank path sees
+``dropout(x)``, ``h = W0 x + scale * B A dropout(x)`` with inverted scaling (kept inputs divided by ``1 - p``);
+the frozen path ``W0 x`` never drops. A step turns it on for the forwards it traces with :func:`dropout` (a
+key and a rate); nothing else does, so the reference, evaluation, generation and export never drop. Each
+decoder layer folds its index into the key (:func:`layer_scope`, also under ``lax.scan`` where the index is
+traced) and each projection its position in :data:`PROJECTIONS`: every adapter of every layer draws its own mask
+(:func:`dropout_mask`), the same for the same key.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -61,6 +71,10 @@ DEFAULT_TARGETS = r"(attn\.(query_dnh|key_dkh|value_dkh|out_nhd)|mlp\.(gate_df|u
 A_SUFFIX, B_SUFFIX, SCALE_SUFFIX = "_lora_a", "_lora_b", "_lora_scale"
 QSCALE_SUFFIX = "_qscale"  # per-output-channel step of a quantised weight (:func:`quantize`)
 RANK_AXIS = "lora_rank"
+SITE_IDS = {name: i for i, name in enumerate(PROJECTIONS)}  # folded into the dropout key of a layer
+# (key, rate) of the adapter dropout active in the forward being traced, or None (module docstring)
+_DROPOUT: contextvars.ContextVar[tuple[jax.Array, float] | None] = contextvars.ContextVar("lora_dropout",
+                                                                                         default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +195,40 @@ def has_adapters(model: nnx.Module) -> bool:
 # ----------------------------------------------------------------------------------- forward
 
 
+@contextlib.contextmanager
+def dropout(key: jax.Array, rate: float):
+    """Adapter dropout of rate ``rate`` (PEFT's ``lora_dropout``) in the forwards traced inside, keyed by ``key``
+    (a typed PRNG key); ``rate == 0`` changes nothing (the traced program is the dropout-free one)."""
+    if not rate:
+        yield
+        return
+    token = _DROPOUT.set((key, float(rate)))
+    try:
+        yield
+    finally:
+        _DROPOUT.reset(token)
+
+
+@contextlib.contextmanager
+def layer_scope(layer):
+    """Folds decoder layer ``layer`` (an int or a traced int scalar) into the active dropout key, if any."""
+    active = _DROPOUT.get()
+    if active is None:
+        yield
+        return
+    token = _DROPOUT.set((jax.random.fold_in(active[0], layer), active[1]))
+    try:
+        yield
+    finally:
+        _DROPOUT.reset(token)
+
+
+def dropout_mask(key: jax.Array, name: str, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """``shape`` bool, True where projection ``name``'s adapter keeps its input (probability ``1 - rate``);
+    ``key`` is the layer's key (:func:`layer_scope`)."""
+    return jax.random.bernoulli(jax.random.fold_in(key, SITE_IDS[name]), 1.0 - rate, shape)
+
+
 def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
     """The weight ``name`` of ``module`` in ``dtype``, dequantised when the base is quantised."""
     w = getattr(module, name)[...]
@@ -194,13 +242,18 @@ def project(module: nnx.Module, name: str, eq: str, x: jax.Array, dtype) -> jax.
     """``einsum(eq, x, W)`` for the projection ``name`` of ``module``, plus its LoRA update when it has one.
 
     The update is ``scale * tensordot(tensordot(x, A, n_in), B, 1)``: ``x``'s trailing ``n_in`` axes are
-    the weight's input axes (true of every einsum in :mod:`jaxpref.models.layers`).
+    the weight's input axes (true of every einsum in :mod:`jaxpref.models.layers`). Inside :func:`dropout`
+    the update's ``x`` is ``where(mask, x / (1 - p), 0)`` (:func:`dropout_mask`); ``W0 x`` never drops.
     """
     y = jnp.einsum(eq, x, weight(module, name, dtype))
     a = getattr(module, name + A_SUFFIX, None)
     if a is None:
         return y
     b = getattr(module, name + B_SUFFIX)
+    if (active := _DROPOUT.get()) is not None:
+        key, rate = active
+        x = jnp.where(dropout_mask(key, name, x.shape, rate), x / jnp.asarray(1.0 - rate, x.dtype),
+                      jnp.zeros((), x.dtype))
     xa = jnp.tensordot(x, a[...].astype(dtype), axes=PROJECTIONS[name])
     return y + getattr(module, name + SCALE_SUFFIX) * jnp.tensordot(xa, b[...].astype(dtype), axes=1)
 

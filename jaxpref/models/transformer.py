@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpref.models import layers
+from jaxpref.models import layers, lora
 from jaxpref.models.attention import MaskSpec, check_backend
 from jaxpref.models.attention.mask import soft_cap
 from jaxpref.models.base import KVCache, ModelOutput
@@ -87,6 +87,10 @@ class Block(nnx.Module):
         MLP stay outside the branches, and the backward keeps about one branch's residuals (JAX
         shares residual slots of equal shape between branches; ``tests/test_scan_layers.py``).
         """
+        with lora.layer_scope(layer):  # LoRA adapter dropout (training steps only): one key per layer
+            return self._call(x_btd, cache, local, mask=mask, rope=rope, layer=layer, index=index)
+
+    def _call(self, x_btd, cache, local, *, mask, rope, layer, index):
         kw = dict(mask=mask, rope=rope, layer=layer, index=index)
         local = self.local if local is None else local
 

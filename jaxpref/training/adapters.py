@@ -5,7 +5,9 @@ state hold only ``nnx.LoRAParam`` leaves, so checkpoints hold only them too. The
 the source ``model.json`` records under ``lora`` (source spec, seed, overrides, quantisation), never written
 again at a save, and passed to the step as its non-donated ``ref_params`` argument; a ``live`` or
 ``precomputed`` reference is the base with the adapters off, so there is no second parameter tree, unless
-``reference.source`` names another model (then that model, run with its own graph).
+``reference.source`` names another model (then that model, run with its own graph). TR-DPO
+(``reference.sync_every``) keeps one adapter tree more: the reference is the base plus a copy of the policy's
+adapters taken at each sync (hard updates only).
 """
 
 from __future__ import annotations
@@ -25,21 +27,21 @@ from jaxpref.models import lora
 log = logging.getLogger(__name__)
 
 
-def check_supported(cfg: RunConfig, kind: str, sample_terms: tuple[str, ...], run_error: type[Exception]) -> None:
+def check_supported(cfg: RunConfig, kind: str, run_error: type[Exception]) -> None:
     """``run_error`` naming the setting when a LoRA run asks for what is not implemented with adapters yet."""
     if cfg.lora is None and cfg.model.adapter is None:
         return
     refusals = [
-        (kind not in ("preference", "sft"), f"lora is supported by train.preference and train.sft, not {kind} runs"),
-        (kind == "sft" and cfg.train.eval_every > 0, "lora with train.eval_every > 0 is supported by "
-                                                     "train.preference only, not sft runs"),
+        (kind not in ("preference", "sft", "reward"),
+         f"lora is supported by train.preference, train.sft and train.reward_model, not {kind} runs"),
         (cfg.model.adapter is not None and cfg.lora is None,
          "model.adapter without a lora section: set lora={} to train the adapter (the base stays frozen)"),
-        (cfg.reference.sync_every > 0, "lora with reference.sync_every > 0 (TR-DPO) is not supported"),
-        (bool(sample_terms), f"lora with loss terms {list(sample_terms)} (reference samples) is not supported"),
-        (cfg.train.eval_every > 0 and cfg.reference.source is not None,
-         "lora with train.eval_every > 0 and reference.source is not supported yet: evaluate the run with the eval "
-         "scripts (run:RUN_DIR) instead"),
+        (cfg.reference.sync_every > 0 and cfg.reference.sync_alpha < 1,
+         f"lora with reference.sync_alpha={cfg.reference.sync_alpha} < 1: mixing the adapter factors A and B is not "
+         "mixing the weights (B A is bilinear); use reference.sync_alpha=1 (TR-DPO's hard update)"),
+        (cfg.reference.sync_every > 0 and cfg.reference.source is not None,
+         "lora with reference.sync_every > 0 makes the reference the base plus synced copies of the policy's "
+         "adapters, not reference.source: drop one of them"),
     ]
     for bad, message in refusals:
         if bad:

@@ -174,6 +174,8 @@ class PreferenceEvaluator:
       batch_size: pairs per scoring batch (``train.eval_batch_size``).
       chunks: ``seq_chunk`` / ``vocab_chunk``.
       current_reference: ``() -> params`` of a reference that changes during training (TR-DPO), else None.
+      reference_graph: ``(graphdef, rest)`` of a reference with a graph of its own (a LoRA run's
+        ``reference.source``), else None (the reference runs in the policy's graph).
       win_rate: a :class:`WinRateProbe` run at steps divisible by ``win_rate_steps`` and at ``last_step``.
     """
 
@@ -187,6 +189,7 @@ class PreferenceEvaluator:
     batch_size: int = 8
     chunks: dict = dataclasses.field(default_factory=dict)
     current_reference: Callable[[], Any] | None = None
+    reference_graph: tuple[Any, Any] | None = None
     win_rate: WinRateProbe | None = None
     win_rate_steps: int = 0
     last_step: int = -1
@@ -201,11 +204,13 @@ class PreferenceEvaluator:
         if self.composition is None:
             self.postfix = "eval/ranking_accuracy"
 
-    def score(self, params) -> Any:
-        """:class:`~jaxpref.evaluation.PairScores` of the held-out pairs under ``params``."""
+    def score(self, params, graph: tuple[Any, Any] | None = None) -> Any:
+        """:class:`~jaxpref.evaluation.PairScores` of the held-out pairs under ``params`` (in ``graph``:
+        ``(graphdef, rest)``, default the policy's)."""
         from jaxpref.evaluation import score_pairs
 
-        model = nnx.merge(self.graphdef, params, self.rest)
+        graphdef, rest = graph or (self.graphdef, self.rest)
+        model = nnx.merge(graphdef, params, rest)
         out = score_pairs(model, self.pairs, batch_size=self.batch_size, mesh=self.mesh, progress=False,
                           desc="eval", **self.chunks)
         self.compiles += out.stats.compiles
@@ -215,8 +220,10 @@ class PreferenceEvaluator:
         """Step-0 scores of the initial policy and the initial reference (``reference_params`` None: the
         initial policy), read from ``RUN_DIR/eval_initial.npz`` on resume, else computed and written."""
         if self.win_rate is not None:  # the initial reference's responses, once per process (seeded)
+            graphdef, rest = (self.graphdef, self.rest) if reference_params is None else \
+                self.reference_graph or (self.graphdef, self.rest)
             ref = initial_params if reference_params is None else reference_params
-            self.win_rate.reference_responses(nnx.merge(self.graphdef, ref, self.rest))
+            self.win_rate.reference_responses(nnx.merge(graphdef, ref, rest))
         path = pathlib.Path(run_dir) / INITIAL_FILE
         rows = np.asarray(self.pairs.row, np.int64)
         if resume and path.is_file():
@@ -226,7 +233,8 @@ class PreferenceEvaluator:
                     return
             log.warning("%s holds other eval rows than this run's; rescoring the initial policy", path)
         self.init_sums = self.score(initial_params).sums
-        self.ref_sums = self.init_sums if reference_params is None else self.score(reference_params).sums
+        self.ref_sums = self.init_sums if reference_params is None else \
+            self.score(reference_params, self.reference_graph).sums
         if jax.process_index() == 0:
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, rows=rows, init_sums=self.init_sums, ref_sums=self.ref_sums)

@@ -307,7 +307,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         check_reference(cfg, comp)
         sample_terms = _check_reference_samples(cfg, comp)
     _check_packing(cfg, kind, sample_terms)
-    adapters.check_supported(cfg, kind, sample_terms, RunError)
+    adapters.check_supported(cfg, kind, RunError)
     setup = setup_run(cfg, mesh, resume=resume)
     run_dir, tokenizer, model_json = setup.run_dir, setup.tokenizer, setup.model_json
 
@@ -321,6 +321,9 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         graphdef, params, rest = lora_parts["graphdef"], lora_parts["adapters"], lora_parts["rest"]
     optimizer, schedule = optim.make_optimizer(cfg.optim, steps)
     state = steplib.build_state(params, optimizer, cfg.train.seed, mesh)
+    syncing = kind == "preference" and cfg.reference.sync_every > 0  # live strategy (config check)
+    lora_sync = syncing and lora_parts is not None  # TR-DPO reference: the base + a synced copy of the adapters
+    sync_adapters = jax.tree.map(lambda x: x.copy(), state.params) if lora_sync else None  # the initial adapters
     ref_params, ref_cache = None, None
     lora_ref = None  # LoRA with reference.source: (graphdef, params) of that reference
     if lora_parts is not None:
@@ -331,22 +334,30 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
         ref_params = _reference_params(cfg, state.params, mesh)
     samples = None
     if sample_terms:  # drawn from the initial reference, before any checkpoint is restored
-        sample_params = ref_params if ref_params is not None else _reference_params(cfg, state.params, mesh)
-        samples = _sample_reference(cfg, graphdef, rest, sample_params, data, tokenizer)
-    syncing = kind == "preference" and cfg.reference.sync_every > 0  # live strategy (config check)
+        if lora_parts is not None:  # generated with the adapters off (or in reference.source's own graph)
+            sample_gd, sample_params = lora_ref or (lora_parts["base_graphdef"], ref_params)
+        else:
+            sample_gd = graphdef
+            sample_params = ref_params if ref_params is not None else _reference_params(cfg, state.params, mesh)
+        samples = _sample_reference(cfg, sample_gd, rest, sample_params, data, tokenizer)
     evaluator = None
     if datasets.eval is not None and cfg.train.eval_every > 0:  # scores the initial policy (and reference) first
         # LoRA: the frozen base travels with the non-trainable state, so the evaluator's merge is the LoRA model
         eval_rest = rest if lora_parts is None else nnx.merge_state(lora_parts["base"], rest)
         evaluator = make_evaluator(cfg, kind, datasets, graphdef, eval_rest, mesh,
                                    comp=None if sample_terms else comp, tokenizer=tokenizer, steps=steps,
-                                   current_reference=(lambda: ref_params) if syncing else None)
+                                   current_reference=(lambda: ref_params) if syncing else None,
+                                   reference_graph=None if lora_ref is None else (lora_ref[0], rest))
         if kind == "preference":
-            evaluator.prepare(run_dir, state.params, ref_params if cfg.reference.source else None, resume=resume)
+            # the initial reference when it is not the initial policy (a LoRA run's base is its initial policy)
+            initial_ref = lora_ref[1] if lora_ref is not None else \
+                ref_params if cfg.reference.source and lora_parts is None else None
+            evaluator.prepare(run_dir, state.params, initial_ref, resume=resume)
     it = open_iterator(cfg, data, ref_samples=samples, packing=pack_spec(cfg, data, mesh),
                        share_prompt=cfg.data.share_prompt)
     checkpointer, state, start = open_checkpoints(cfg, run_dir, state, it, resume)
     if syncing:
+        ref_params = sync_adapters if lora_sync else ref_params
         _check_syncable(cfg, ref_params, state.params)
         ref_params = _restore_synced_reference(cfg, checkpointer, ref_params, start)
     if kind == "preference" and cfg.reference.strategy == "precomputed":
@@ -361,7 +372,8 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
                          base_graphdef=None if lora_parts is None else lora_parts["base_graphdef"],
                          reference_graphdef=lora_ref[0] if lora_ref is not None and ref_cache is None else None)
     state_sh = parallel.tree_shardings(state)
-    ref_sh = None if ref_params is None else parallel.tree_shardings(ref_params)
+    step_ref = (lambda: (lora_parts["base"], ref_params)) if lora_sync else (lambda: ref_params)  # noqa: E731
+    ref_sh = None if ref_params is None else parallel.tree_shardings(step_ref())
 
     def build(batch):
         return jit_train_step(fn, kind, mesh, state_sh, batch, ref_sh=ref_sh, ref_logps=ref_cache is not None)
@@ -377,7 +389,7 @@ def run_training(cfg: RunConfig, *, kind: str = "preference", resume: bool = Fal
     def call(state, placed):
         batch, rl = placed
         if kind == "preference":
-            return jitted(batch)(state, ref_params, batch, rl)
+            return jitted(batch)(state, step_ref(), batch, rl)
         return jitted(batch)(state, batch) if lora_parts is None else jitted(batch)(state, ref_params, batch)
 
     after_step = None
@@ -416,16 +428,20 @@ def make_train_step(cfg: RunConfig, kind: str, graphdef, rest, optimizer, comp=N
     (:func:`~jaxpref.training.step.make_preference_step`)."""
     chunks = {"seq_chunk": cfg.train.seq_chunk, "vocab_chunk": cfg.train.vocab_chunk}
     common = {"micro_batches": cfg.train.micro_batches, "nan_policy": cfg.train.nan_policy}
+    dropout = cfg.lora.dropout if cfg.lora is not None and base_graphdef is not None else 0.0
     if kind == "preference":
         return steplib.make_preference_step(graphdef, rest, optimizer, comp, reference=cfg.reference.strategy,
                                             base_graphdef=base_graphdef, reference_graphdef=reference_graphdef,
-                                            **common, **chunks)
+                                            lora_dropout=dropout, reference_adapters=base_graphdef is not None and
+                                            cfg.reference.sync_every > 0, **common, **chunks)
     if kind == "sft":
-        return steplib.make_sft_step(graphdef, rest, optimizer, base_graphdef=base_graphdef, **common, **chunks)
+        return steplib.make_sft_step(graphdef, rest, optimizer, base_graphdef=base_graphdef, lora_dropout=dropout,
+                                     **common, **chunks)
     if kind == "reward":
         from jaxpref.reward_model import make_reward_step
 
-        return make_reward_step(graphdef, rest, optimizer, **common)
+        return make_reward_step(graphdef, rest, optimizer, frozen_base=base_graphdef is not None,
+                                lora_dropout=dropout, **common)
     raise ValueError(f"unknown run kind {kind!r}: expected preference, sft or reward")
 
 
@@ -527,8 +543,9 @@ def pack_spec(cfg: RunConfig, data, mesh) -> data_packing.PackSpec | None:
 
 
 def make_evaluator(cfg: RunConfig, kind: str, datasets: Datasets, graphdef, rest, mesh, *, comp=None,
-                   current_reference=None, tokenizer=None, steps: int = -1):
-    """The held-out evaluator of a preference or SFT run (:mod:`jaxpref.training.eval_during`)."""
+                   current_reference=None, tokenizer=None, steps: int = -1, reference_graph=None):
+    """The held-out evaluator of a preference or SFT run (:mod:`jaxpref.training.eval_during`);
+    ``reference_graph``: see :class:`~jaxpref.training.eval_during.PreferenceEvaluator`."""
     chunks = {"seq_chunk": cfg.train.seq_chunk, "vocab_chunk": cfg.train.vocab_chunk}
     if kind == "preference":
         if comp is None:
@@ -536,7 +553,8 @@ def make_evaluator(cfg: RunConfig, kind: str, datasets: Datasets, graphdef, rest
         return eval_during.PreferenceEvaluator(
             datasets.eval, datasets.eval_has_votes, graphdef, rest, comp,
             uses_reference=cfg.reference.strategy != "none", mesh=mesh, batch_size=cfg.train.eval_batch_size,
-            chunks=chunks, current_reference=current_reference, win_rate=_win_rate_probe(cfg, datasets, tokenizer),
+            chunks=chunks, current_reference=current_reference, reference_graph=reference_graph,
+            win_rate=_win_rate_probe(cfg, datasets, tokenizer),
             win_rate_steps=cfg.train.eval_every * cfg.train.win_rate_every, last_step=steps)
     return eval_during.SFTEvaluator(datasets.eval, graphdef, rest, mesh=mesh, batch_size=cfg.train.eval_batch_size,
                                     buckets=tuple(cfg.data.buckets), chunks=chunks)

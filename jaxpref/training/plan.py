@@ -226,7 +226,9 @@ def setup(cfg: RunConfig, kind: str, devices) -> Setup:
     if cfg.lora is not None:  # the adapters train; the frozen (quantised) base is the step's ref_params
         from jaxpref.training.adapters import check_supported
 
-        check_supported(cfg, kind, (), PlanError)
+        check_supported(cfg, kind, PlanError)
+        if kind == "reward":
+            raise PlanError("train.plan does not model LoRA reward models yet (the adapters plus the reward head)")
         model, base_graphdef = abstract_lora_model(config, cfg.lora)
         graphdef, params, base, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
         params, base = _sharded(params, mesh), _sharded(base, mesh)
@@ -250,8 +252,8 @@ def setup(cfg: RunConfig, kind: str, devices) -> Setup:
             if cfg.reference.source is not None:
                 ref_cfg = model_config(cfg.reference.source, _runtime(cfg, reference=True))
                 ref_graphdef, ref_params, _ = abstract_params(abstract_model(ref_cfg, kind), mesh)
-        if base is not None:  # LoRA: the frozen base, paired with a reference of its own
-            ref_params = (base, ref_params) if ref_graphdef is not None else base
+        if base is not None:  # LoRA: the frozen base, paired with a reference of its own or synced adapters
+            ref_params = (base, ref_params) if ref_graphdef is not None or cfg.reference.sync_every else base
     elif base is not None:  # LoRA SFT: the step takes the frozen base
         ref_params = base
     fn = loop.make_train_step(cfg, kind, graphdef, rest, optimizer, comp, base_graphdef=base_graphdef,

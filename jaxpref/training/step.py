@@ -21,6 +21,7 @@ part of the batch pytree, so micro-batches split them with their pairs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ from flax import nnx
 
 from jaxpref import logprobs, parallel
 from jaxpref.losses import Composition, LossInputs
+from jaxpref.models import lora
 from jaxpref.training.reference_samples import needs_reference_samples
 from jaxpref.types import PackedPairBatch, PairBatch, ReferenceSampleBatch, SFTBatch
 
@@ -47,7 +49,7 @@ class TrainState:
       step: [] int32 optimizer steps taken.
       params: policy parameters (an ``nnx.State`` of ``nnx.Param``).
       opt_state: optax state.
-      rng: [2] uint32 raw PRNG key data (dropout-free models use it for sampling only).
+      rng: [2] uint32 raw PRNG key data of ``train.seed`` (LoRA adapter dropout: :func:`step_key`).
       bco_delta: [] float32 running mean of BCO rewards (TRL's RunningMoments; unused otherwise).
       skipped: [] int32 updates skipped by the NaN guard.
     """
@@ -179,19 +181,22 @@ def _split_micro(tree, k: int):
     return jax.tree.map(one, tree)
 
 
-def accumulate_gradients(micro_loss: Callable, params, args: tuple, micro_batches: int):
+def accumulate_gradients(micro_loss: Callable, params, args: tuple, micro_batches: int, key=None):
     """``(loss, aux, grads)`` of ``micro_loss(params, *args) -> (loss, aux)`` summed over micro-batches.
 
     Each micro-batch returns its share of the batch loss (and of every aux metric), so the sums equal
     the full-batch values; ``micro_batches > 1`` splits every ``[B, ...]`` leaf of ``args`` with
     :func:`_split_micro` and accumulates gradients in a ``lax.scan`` (one micro-batch of activations
-    live at a time).
+    live at a time). With a PRNG ``key``, micro-batch ``i`` gets ``fold_in(key, i)`` as ``micro_loss``'s
+    last argument (LoRA adapter dropout: each micro-batch its own masks).
     """
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(micro_batches))
     if micro_batches == 1:
-        (loss, aux), grads = grad_fn(params, *args)
+        (loss, aux), grads = grad_fn(params, *args, *(() if keys is None else (keys[0],)))
         return loss, aux, grads
     mbs = _split_micro(args, micro_batches)
+    mbs = mbs if keys is None else (*mbs, keys)
 
     def body(carry, xs):
         g_acc, l_acc, a_acc = carry
@@ -241,6 +246,12 @@ def _norm_metrics(grads, params, updates) -> dict[str, Array]:
             "update_norm": optax.tree.norm(updates)}
 
 
+def step_key(state: TrainState) -> Array:
+    """The PRNG key of ``state``'s step: ``fold_in(run key, step)``. The run key (``train.seed``) and the step are
+    checkpointed, so a resumed run draws the same keys (LoRA adapter dropout) as an uninterrupted one."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
 def _apply(state: TrainState, grads, loss, optimizer, nan_policy: str, extra: dict) -> tuple[TrainState, dict]:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -269,6 +280,8 @@ def make_preference_step(
     bco_momentum: float = 0.0,
     base_graphdef=None,
     reference_graphdef=None,
+    lora_dropout: float = 0.0,
+    reference_adapters: bool = False,
 ) -> Callable:
     """Builds ``step(state, ref_params, batch, ref_logps) -> (state, metrics)``.
 
@@ -289,6 +302,12 @@ def make_preference_step(
         ``live`` reference is ``base_graphdef`` over the base: the base with the adapters off.
       reference_graphdef: LoRA with a ``live`` reference of its own (``reference.source``): its graph; then
         ``ref_params`` is the pair ``(frozen base, reference params)``.
+      reference_adapters: LoRA TR-DPO (``reference.sync_every``): ``ref_params`` is the pair ``(frozen base,
+        reference adapters)`` and the reference is the LoRA graph over both: the base plus the adapters as they were
+        at the last sync.
+      lora_dropout: LoRA adapter dropout rate p (:func:`jaxpref.models.lora.dropout`) in the policy's forwards,
+        keyed by :func:`step_key`, micro-batch and forward (pairs 0, reference samples 1); the reference never
+        drops. 0: the dropout-free program.
 
     ``batch`` may be a padded :class:`~jaxpref.types.PairBatch` or a
     :class:`~jaxpref.types.PackedPairBatch` (``data.packing``; same losses and gradients, see
@@ -304,8 +323,9 @@ def make_preference_step(
     uses_ref = reference != "none"
     bco_keys = [t.key for t in composition.terms if t.name == "bco_pair"]
     sample_terms = needs_reference_samples(composition)
-    ref_graphdef = reference_graphdef or (graphdef if base_graphdef is None else base_graphdef)
-    own_reference = base_graphdef is not None and reference_graphdef is not None
+    ref_graphdef = reference_graphdef or (graphdef if base_graphdef is None or reference_adapters else base_graphdef)
+    own_reference = base_graphdef is not None and (reference_graphdef is not None or reference_adapters)
+    dropping = base_graphdef is not None and lora_dropout > 0
 
     def step(state: TrainState, ref_params, batch: PairBatch | PackedPairBatch, ref_logps):
         packed = isinstance(batch, PackedPairBatch)
@@ -321,11 +341,15 @@ def make_preference_step(
         dens = _denominators(composition, batch, uses_ref, state.bco_delta, bool(sample_terms))
         n_valid = jnp.maximum(batch.example_mask.sum(), 1).astype(jnp.float32)
 
-        def micro_loss(params, mb: PairBatch, mb_ref):
+        def micro_loss(params, mb: PairBatch, mb_ref, key=None):
             frozen, ref_tree = ref_params if own_reference else (ref_params, ref_params)
             if base_graphdef is not None:  # LoRA: adapters (differentiated) + the frozen base
                 params = nnx.merge_state(params, frozen)
-            with jax.named_scope("policy"):
+            if reference_adapters:  # LoRA TR-DPO: the base with the synced copy of the adapters
+                ref_tree = nnx.merge_state(ref_tree, frozen)
+            drop = (lambda i: lora.dropout(jax.random.fold_in(key, i), lora_dropout)) if dropping else \
+                (lambda i: contextlib.nullcontext())
+            with jax.named_scope("policy"), drop(0):
                 sums, counts = batch_pair_logps(graphdef, params, rest, mb, num_segments=n_seg, **chunks)
             ref_sums = None
             if reference == "live":
@@ -336,7 +360,7 @@ def make_preference_step(
                 ref_sums = mb_ref
             samples = None
             if sample_terms:
-                with jax.named_scope("reference_samples"):
+                with jax.named_scope("reference_samples"), drop(1):
                     samples = reference_sample_logps(graphdef, params, rest, mb.ref_samples, **chunks)
             inputs = _loss_inputs(sums, counts, mb, ref_sums, state.bco_delta, samples)
             total, _, metrics = composition(inputs, mb.example_mask, denominators=dens)
@@ -353,7 +377,8 @@ def make_preference_step(
                 metrics["reference_sample/kl"] = _masked_sum(ref_lp - sample_lp, keep) / n_valid
             return total, metrics
 
-        loss, metrics, grads = accumulate_gradients(micro_loss, state.params, (batch, ref_logps), micro_batches)
+        loss, metrics, grads = accumulate_gradients(micro_loss, state.params, (batch, ref_logps), micro_batches,
+                                                    key=step_key(state) if dropping else None)
         extra = {}
         if bco_keys:
             mean = metrics.get(f"{bco_keys[0]}/bco/reward_mean", state.bco_delta)
@@ -375,27 +400,32 @@ def _masked_sum(x, mask):
 
 
 def make_sft_step(graphdef, rest, optimizer, *, micro_batches: int = 1, seq_chunk: int = 128,
-                  vocab_chunk: int = 8192, nan_policy: str = "skip", base_graphdef=None) -> Callable:
+                  vocab_chunk: int = 8192, nan_policy: str = "skip", base_graphdef=None,
+                  lora_dropout: float = 0.0) -> Callable:
     """Builds ``step(state, batch: SFTBatch) -> (state, metrics)``: token-mean NLL of responses.
 
     With ``base_graphdef`` (LoRA, see :func:`make_preference_step`) it is ``step(state, base, batch)``:
-    ``state.params`` are the adapters, ``base`` the frozen (non-donated, undifferentiated) base parameters.
+    ``state.params`` are the adapters, ``base`` the frozen (non-donated, undifferentiated) base parameters, and
+    ``lora_dropout`` the adapter dropout rate (keyed as in :func:`make_preference_step`).
     """
+    dropping = base_graphdef is not None and lora_dropout > 0
     chunks = {"seq_chunk": seq_chunk, "vocab_chunk": vocab_chunk}
 
     def step(state: TrainState, batch: SFTBatch, base=None):
         mask = batch.loss_mask * batch.example_mask[:, None]
         total_tokens = jnp.maximum(mask[:, 1:].sum(), 1).astype(jnp.float32)
 
-        def micro_loss(params, mb: SFTBatch):
+        def micro_loss(params, mb: SFTBatch, key=None):
             m = mb.loss_mask * mb.example_mask[:, None]
             params = params if base is None else nnx.merge_state(params, base)
-            lp = forward_logps(graphdef, params, rest, mb.input_ids, mb.segment_ids, mb.positions, m,
-                               right_padded=True, **chunks)
+            with lora.dropout(jax.random.fold_in(key, 0), lora_dropout) if dropping else contextlib.nullcontext():
+                lp = forward_logps(graphdef, params, rest, mb.input_ids, mb.segment_ids, mb.positions, m,
+                                   right_padded=True, **chunks)
             nll = -lp.sums.sum() / total_tokens
             return nll, {"nll": jax.lax.stop_gradient(nll)}
 
-        loss, metrics, grads = accumulate_gradients(micro_loss, state.params, (batch,), micro_batches)
+        loss, metrics, grads = accumulate_gradients(micro_loss, state.params, (batch,), micro_batches,
+                                                    key=step_key(state) if dropping else None)
         new_state, norms = _apply(state, grads, loss, optimizer, nan_policy, {})
         metrics = {**metrics, **norms, "loss": loss, "tokens": (batch.segment_ids != 0).sum().astype(jnp.float32),
                    "target_tokens": total_tokens}

@@ -50,7 +50,7 @@ from jaxpref.data.tokenize import tokenize_sft
 from jaxpref.generation import SamplingConfig, generate, left_pad
 from jaxpref.loading import SpecError
 from jaxpref.losses import wro as wro_losses
-from jaxpref.training import eval_during, loop, optim
+from jaxpref.training import adapters, eval_during, loop, optim
 from jaxpref.training import step as steplib
 from jaxpref.training.loop import RunError
 
@@ -531,6 +531,7 @@ def run_wro(cfg: RunConfig, *, resume: bool = False, judge: TokenJudge | None = 
       resume: continue ``cfg.run_dir`` from its last checkpoint.
       judge: a :class:`TokenJudge` object used instead of ``wro.judge``.
     """
+    adapters.check_supported(cfg, "wro", RunError)  # a lora section is refused, not silently ignored
     try:
         mesh = parallel.make_mesh(cfg.mesh)
     except ValueError as err:
