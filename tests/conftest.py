@@ -137,3 +137,12 @@ def subprocess_env() -> dict[str, str]:
     """Environment for training subprocesses: one CPU device (cheaper compiles than eight) and the
     run's persistent compilation cache, so identical tiny runs compile only once."""
     return {**os.environ, "XLA_FLAGS": xla_flags(1), **JIT_CACHE_ENV}
+
+
+@pytest.fixture(scope="module")
+def pairs8(shared_data, tmp_path_factory):
+    """The first 8 HH-RLHF pairs in a file of their own (training and held-out data at once)."""
+    path = tmp_path_factory.mktemp("pairs") / "hh8.jsonl"
+    with (shared_data / "hh_rlhf_helpful_base_test_2k.jsonl").open() as f:
+        path.write_text("".join(next(f) for _ in range(8)))
+    return path

@@ -4,40 +4,21 @@ reference) equals the loss of training step 1 (the step's forward of the same pa
 (another reference). LoRA SFT runs with ``train.eval_every``: ``tests/test_lora_sft.py``.
 """
 
-import json
 
 import numpy as np
 import pytest
+from lora_common import COMMON, LN2, metrics
 
 from jaxpref.config import RunConfig, load_config
 from jaxpref.models import build_model, hf_io, presets
 from jaxpref.testing.models import fast_compile
 from jaxpref.training import loop
 
-LN2 = float(np.float32(np.log(2)))
-COMMON = ["model.source=preset:tiny_llama", "model.tokenizer=builtin", "model.overrides={vocab_size: 512}",
-          "data.max_length=32", "data.buckets=[32]", "train.batch_size=8", "logging.progress=false",
-          "logging.tensorboard=false", "train.seq_chunk=32", "train.vocab_chunk=256", "optim.lr=1e-2",
-          "train.steps=1", "checkpoint.async_save=false"]
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast():
     with fast_compile():
         yield
-
-
-@pytest.fixture(scope="module")
-def pairs8(shared_data, tmp_path_factory):
-    """The first 8 HH-RLHF pairs in a file of their own (training and held-out data at once)."""
-    path = tmp_path_factory.mktemp("pairs") / "hh8.jsonl"
-    with (shared_data / "hh_rlhf_helpful_base_test_2k.jsonl").open() as f:
-        path.write_text("".join(next(f) for _ in range(8)))
-    return path
-
-
-def metrics(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_eval_with_a_reference_of_its_own(tmp_path, pairs8):

@@ -9,43 +9,24 @@ move; the checkpoint's synced reference is that step's adapters.
 """
 
 import dataclasses
-import json
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from lora_common import COMMON, LN2, metrics
 
 from jaxpref.config import RunConfig, load_config
 from jaxpref.models import build_model, lora, lora_peft, presets
 from jaxpref.testing.models import fast_compile
 from jaxpref.training import loop
 
-LN2 = float(np.float32(np.log(2)))
-COMMON = ["model.source=preset:tiny_llama", "model.tokenizer=builtin", "model.overrides={vocab_size: 512}",
-          "data.max_length=32", "data.buckets=[32]", "train.batch_size=8", "logging.progress=false",
-          "logging.tensorboard=false", "train.seq_chunk=32", "train.vocab_chunk=256", "optim.lr=1e-2",
-          "train.steps=1", "checkpoint.async_save=false"]
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast():
     with fast_compile():
         yield
-
-
-@pytest.fixture(scope="module")
-def pairs8(shared_data, tmp_path_factory):
-    """The first 8 HH-RLHF pairs in a file of their own (training and held-out data at once)."""
-    path = tmp_path_factory.mktemp("pairs") / "hh8.jsonl"
-    with (shared_data / "hh_rlhf_helpful_base_test_2k.jsonl").open() as f:
-        path.write_text("".join(next(f) for _ in range(8)))
-    return path
-
-
-def metrics(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_typo_reference_samples_are_the_base_models(tmp_path, pairs8, monkeypatch):

@@ -84,14 +84,21 @@ def test_readme_real_model_commands_run(tmp_path, shared_data, subprocess_env):
     assert ranking["data"] == "heldout:runs/smollm2_dpo"
 
 
-def test_readme_cpu_expectations_match_the_benchmark():
-    """The README's CPU numbers are the committed ``bench/results/smollm2_cpu.json``, formatted by the script."""
+def bench_and_result(name: str):
+    """``(module, committed JSON)`` of ``bench/NAME.py`` and ``bench/results/NAME.json``."""
+    import importlib
+
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        import smollm2_cpu
+        module = importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "bench"))
-    payload = json.loads((REPO / "bench" / "results" / "smollm2_cpu.json").read_text())
+    return module, json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
+
+
+def test_readme_cpu_expectations_match_the_benchmark():
+    """The README's CPU numbers are the committed ``bench/results/smollm2_cpu.json``, formatted by the script."""
+    smollm2_cpu, payload = bench_and_result("smollm2_cpu")
     assert payload["config"]["config"] == "configs/smollm2_dpo.yaml"
     section = (REPO / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
     assert smollm2_cpu.readme_summary(payload) in " ".join(section.split())
@@ -99,11 +106,6 @@ def test_readme_cpu_expectations_match_the_benchmark():
 
 def test_readme_dpo_vs_trl_matches_the_benchmark():
     """The README's real-data DPO sentence is ``bench/results/dpo_real_vs_trl.json`` formatted by the script."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import dpo_real_vs_trl
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    payload = json.loads((REPO / "bench" / "results" / "dpo_real_vs_trl.json").read_text())
+    dpo_real_vs_trl, payload = bench_and_result("dpo_real_vs_trl")
     assert payload["results"]["trl"]["train_wall_s"] > 0 and payload["config"]["frameworks"] == "jax,trl"
     assert dpo_real_vs_trl.readme_summary(payload) in " ".join((REPO / "README.md").read_text().split())
