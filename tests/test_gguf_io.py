@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import pathlib
 
 import numpy as np
@@ -207,7 +208,8 @@ def _tiny_hf_state(tied: bool, seed: int = 0, qkv_bias: bool = False) -> dict[st
     return {k: rng.normal(scale=0.5, size=s).astype(np.float32) for k, s in shapes.items()}
 
 
-def write_tiny_gguf(path, state: dict[str, np.ndarray], *, arch: str = "llama", tokenizer: bool = True) -> None:
+def write_tiny_gguf(path, state: dict[str, np.ndarray], *, arch: str = "llama", tokenizer: bool = True,
+                    extra: dict[str, np.ndarray] | None = None) -> None:
     """HF state dict -> llama.cpp GGUF, the way ``convert_hf_to_gguf.py`` lays out a Llama / Qwen2.
 
     Only the Llama converter permutes Q/K rows (and biases); Qwen2's keeps HF's layout.
@@ -239,6 +241,8 @@ def write_tiny_gguf(path, state: dict[str, np.ndarray], *, arch: str = "llama", 
             value = _llama_cpp_permute(value, c["heads"], c["kv_heads"])
         qtype = _TYPES.get(kind, Q.F32)
         w.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+    for name, value in (extra or {}).items():  # e.g. rope_freqs.weight, stored F32 as llama.cpp does
+        w.add_tensor(name, np.asarray(value, np.float32), raw_dtype=Q.F32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -454,6 +458,71 @@ def test_load_gguf_tiny(tiny_gguf):
     for k in expected:
         np.testing.assert_array_equal(exported[k], expected[k], err_msg=k)
     assert tok.eos_token == "<|im_end|>"
+
+
+def _llama_cpp_rope_freqs(theta: float, dim: int, factor: float, low: float, high: float, length: int):
+    """``rope_freqs.weight`` as llama.cpp's Llama converter computes it from HF's llama3 rope scaling."""
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, dim, 2) / dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < length / high:
+            out.append(1.0)
+        elif wavelen > length / low:
+            out.append(factor)
+        else:
+            smooth = (length / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+@pytest.mark.torch
+def test_llama3_rope_freqs_import_as_llama3_scaling(tmp_path):
+    """A Llama 3.1+ file (``rope_freqs.weight``): the config gets the llama3 scaling back (the four parameters
+    are two numbers on the smoothed pairs; the recovered ones give the same frequencies) and the model's
+    logits equal transformers' with the source scaling on the file's weights; without it they would not."""
+    import jax.numpy as jnp
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jaxpref.models import hf_io
+    from jaxpref.models.config import ModelConfig
+
+    c = TINY
+    source = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 32.0, "original_max_position_embeddings": 1024}
+    freqs = _llama_cpp_rope_freqs(5000.0, c["hidden"] // c["heads"], 8.0, 1.0, 32.0, 1024)
+    assert ((freqs > 1) & (freqs < 8)).sum() == 3  # three smoothed pairs at head_dim 16, theta 5000
+    path = tmp_path / "llama3.gguf"
+    write_tiny_gguf(path, _tiny_hf_state(tied=False, seed=3), tokenizer=False, extra={"rope_freqs.weight": freqs})
+    config, sd = gguf_io.read_gguf_tensors(path)
+    rope = config["rope_parameters"]
+    assert rope["rope_type"] == "llama3" and rope["original_max_position_embeddings"] == 1024
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        assert rope[key] == pytest.approx(source[key], rel=1e-4), key
+    assert "rope_freqs.weight" not in sd
+
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["ffn"], num_hidden_layers=c["layers"],
+        num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"], max_position_embeddings=c["ctx"],
+        rms_norm_eps=1e-5, tie_word_embeddings=False, rope_parameters={"rope_type": "llama3", "rope_theta": 5000.0,
+                                                                        **source})).eval()
+    hf.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})
+    ids = np.random.default_rng(0).integers(0, c["vocab"], (1, c["ctx"]))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits[0].numpy()
+    ours, plain = (np.asarray(hf_io.params_from_hf(ModelConfig.from_hf_config(cfg), sd)(
+        jnp.asarray(ids, jnp.int32), return_logits=True).logits[0]) for cfg in (config, {
+            **config, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}}))
+    # two float32 programs of one 2-layer network on logits of size ~|logit|: 1e-4 absolute is ~100 ulps
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    assert np.abs(plain - theirs).max() > 1e-2  # the scaling matters at these positions
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused():
+    with pytest.raises(gguf_io.GGUFError, match="smoothed pair"):
+        gguf_io.llama3_scaling_from_factors(np.array([1, 1, 8, 8], np.float32), 5000.0, 8)
+    with pytest.raises(gguf_io.GGUFError, match="not a llama3 frequency scaling"):
+        gguf_io.llama3_scaling_from_factors(np.array([1, 1.5, 5.0, 2.0], np.float32), 5000.0, 8)
+    assert gguf_io.llama3_scaling_from_factors(np.ones(4, np.float32), 5000.0, 8) is None
 
 
 # ----------------------------------------------------------------------------- SmolLM2 end to end (slow)

@@ -320,7 +320,53 @@ _ROPE_FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_f
 _ROPE_SCALING = {"gemma3": ("none", "linear")}
 
 
-def hf_config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
+def llama3_scaling_from_factors(factors: np.ndarray, rope_theta: float, rotary_dim: int) -> dict | None:
+    """HF's ``rope_type: "llama3"`` parameters behind llama.cpp's ``rope_freqs.weight`` (Llama 3.1+).
+
+    llama.cpp's converter stores, per rotary pair i, the divisor ``f_i`` of the frequency
+    ``w_i = theta^(-2i/d)``: 1 for short wavelengths, ``factor`` for long ones, and between them
+    ``1 / ((1 - s_i) / factor + s_i)`` with ``s_i = (L / wavelen_i - lo) / (hi - lo)`` (L the original
+    context length; Meta's ``apply_scaling``). So ``factor = max f`` and ``s`` is affine in ``1 / wavelen``
+    with slope ``L / (hi - lo)`` and intercept ``-lo / (hi - lo)``: two numbers for three parameters, and
+    any choice of ``lo`` gives the same frequencies (the region's ends are where s is 0 and 1). We fit the
+    line on the smoothed pairs, take ``lo = 1`` (Meta's value), round L to an integer and check that
+    HF's formula reproduces every factor within 1e-5 relative.
+
+    Returns None when every factor is 1 (no scaling).
+
+    Raises:
+      GGUFError: fewer than two smoothed pairs (the line is undetermined) or factors the llama3 rule
+        does not reproduce.
+    """
+    f = np.asarray(factors, np.float64)
+    inv = rope_theta ** (-np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    if f.shape != inv.shape:
+        raise GGUFError(f"GGUF: rope_freqs.weight has {f.size} factors, expected rotary_dim / 2 = {inv.size}")
+    factor = float(f.max())
+    if factor <= 1.0 + 1e-6:
+        return None
+    mid = (f > 1.0 + 1e-5) & (f < factor * (1.0 - 1e-5))
+    if mid.sum() < 2:
+        raise GGUFError(f"GGUF: rope_freqs.weight has {int(mid.sum())} smoothed pair(s); the llama3 scaling "
+                        "parameters cannot be recovered from fewer than 2 (not supported)")
+    smooth = (1.0 / f[mid] - 1.0 / factor) / (1.0 - 1.0 / factor)
+    slope, intercept = np.polyfit(inv[mid] / (2 * np.pi), smooth, 1)
+    low = 1.0
+    high = low - low / intercept  # intercept = -lo / (hi - lo)
+    scaling = {"factor": factor, "low_freq_factor": low, "high_freq_factor": round(float(high), 6),
+               "original_max_position_embeddings": int(round(slope * (high - low)))}
+    wavelen = 2 * np.pi / inv
+    length = scaling["original_max_position_embeddings"]
+    s = np.clip((length / wavelen - low) / (high - low), 0.0, 1.0)
+    redo = np.where(wavelen < length / high, 1.0,
+                    np.where(wavelen > length / low, factor, 1.0 / ((1 - s) / factor + s)))
+    if not np.allclose(redo, f, rtol=1e-5, atol=0):
+        raise GGUFError(f"GGUF: rope_freqs.weight is not a llama3 frequency scaling (best fit {scaling} is off by "
+                        f"{np.abs(redo / f - 1).max():.2g} relative; not supported)")
+    return scaling
+
+
+def hf_config_from_metadata(meta: dict, tensor_names: set[str], rope_freqs: np.ndarray | None = None) -> dict:
     """The ``config.json`` dict of the HF model the file was converted from.
 
     Where transformers' GGUF loader reads a key, the value is the one it reads. Where the
@@ -332,6 +378,8 @@ def hf_config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
     Args:
       meta: GGUF metadata (``general.architecture``, ``{arch}.block_count``, ...).
       tensor_names: names of the file's tensors (decides tied embeddings and biases).
+      rope_freqs: the values of ``rope_freqs.weight`` when the file has it (Llama 3.1+ RoPE scaling,
+        :func:`llama3_scaling_from_factors`; architecture ``llama`` only).
 
     Raises:
       GGUFError: an architecture or RoPE variant jaxpref does not implement, or a missing key.
@@ -341,6 +389,8 @@ def hf_config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
         raise GGUFError(f"GGUF architecture {arch!r} is not supported (supported: {sorted(_ARCHITECTURES)})")
     m = _Meta(meta, frozenset(tensor_names))
     for name in _ROPE_FACTOR_TENSORS:
+        if name == "rope_freqs.weight" and arch == "llama" and rope_freqs is not None:
+            continue  # llama3 scaling, recovered below
         if name in tensor_names:
             raise GGUFError(f"GGUF {arch}: tensor {name!r} (RoPE frequency factors: Llama 3.1 / "
                                       "LongRoPE scaling) is not supported")
@@ -374,6 +424,11 @@ def hf_config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
         "dtype": "float32",
     }
     config.update(spec.config(m, config))
+    if arch == "llama" and rope_freqs is not None:
+        rotary_dim = int(m("rope.dimension_count", config["head_dim"]))
+        scaling = llama3_scaling_from_factors(rope_freqs, rope_theta, rotary_dim)
+        if scaling is not None:
+            config["rope_parameters"] = {"rope_theta": rope_theta, "rope_type": "llama3", **scaling}
     if config["rope_theta"] is None:  # per-layer-type rope_parameters only (Gemma 3)
         del config["rope_theta"]
     for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
@@ -444,13 +499,17 @@ def read_gguf_tensors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarr
     reader = gguf.GGUFReader(str(path))
     meta = _metadata(reader)
     names = {t.name for t in reader.tensors}
-    config = hf_config_from_metadata(meta, names)
+    freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    rope_freqs = dequantize(freqs[0].data, freqs[0].tensor_type).reshape(-1) if freqs else None
+    config = hf_config_from_metadata(meta, names, rope_freqs)
     arch = meta["general.architecture"]
     spec = _ARCHITECTURES[arch]
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
 
     state_dict: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight" and rope_freqs is not None and arch == "llama":
+            continue  # folded into the config's rope_parameters
         hf_name = hf_tensor_name(tensor.name, arch)
         if hf_name is None:
             raise GGUFError(f"GGUF {arch}: tensor {tensor.name!r} has no HF mapping")
