@@ -43,6 +43,7 @@ from jaxpref.parallel import constrain, logical_param
 # logical axes of the residual stream [B, T, D]: examples over the batch axes, the model dimension whole
 RESIDUAL = ("batch", "length", None)
 
+
 class Block(nnx.Module):
     """Decoder layer ``x + attn(norm x)`` then ``+ mlp(norm x)`` (or both from x: parallel residual).
 
