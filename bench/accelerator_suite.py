@@ -15,7 +15,7 @@ Stages (``--stages``, in this order; each is timed, a failing stage is recorded 
   chunked (:func:`jaxpref.logprobs.sequence_logprobs`) vs full ``[N, T, V]`` logits, on the device.
 * ``dpo`` -- the DPO train step (sigmoid, AdamW, float32 master weights, bfloat16 compute) of the
   ``llama3_2_1b`` preset (random init) at T 4096 and 2048, with a live and a precomputed reference, for each
-  attention backend: tokens/s and MFU (:func:`jaxpref.training.mfu.step_flops`, against the datasheet's dense
+  attention backend, layers scanned (``--dpo-layers``): tokens/s and MFU (:func:`jaxpref.training.mfu.step_flops`, against the datasheet's dense
   bf16 peak and against the measured matmul rate). Configurations run in priority order until
   ``--dpo-budget-s`` is spent; the rest are listed as skipped.
 * ``scoring`` -- ``eval.ranking``'s scorer (:func:`jaxpref.evaluation.score_pairs`) of ``--model`` on ``--data``
@@ -159,7 +159,7 @@ def stage_dpo(args, device: dict) -> dict:
         print(f"  dpo {json.dumps({k: v for k, v in row.items() if not isinstance(v, (list, dict))})}", flush=True)
         jax.clear_caches()
     best = max((r for r in rows if r.get("mfu_datasheet")), key=lambda r: r["mfu_datasheet"], default=None)
-    return {"preset": preset, "results": rows, "best": best}
+    return {"preset": preset, "layers": args.dpo_layers, "results": rows, "best": best}
 
 
 def device_random_model(cfg, seed: int = 0, std: float = 0.02):
@@ -199,7 +199,7 @@ def _dpo_run(preset: str, args, *, attention: str, seq_len: int, pairs: int, ref
     from jaxpref.training.mfu import step_flops
 
     cfg = presets.get_preset(preset, dtype="bfloat16", param_dtype="float32", attention=attention,
-                             max_position_embeddings=max(seq_len, 64))
+                             max_position_embeddings=max(seq_len, 64), scan_layers=args.dpo_layers == "scanned")
     graphdef, params, rest = S.split_model(device_random_model(cfg))
     prompt = seq_len // 4
     data = synthetic_pairs(pairs, vocab=cfg.vocab_size, max_prompt=prompt, max_response=seq_len - prompt, seed=0)
@@ -389,6 +389,9 @@ def main(argv=None) -> dict:
     p.add_argument("--dpo-backends", default=None, help="comma list (default: this platform's kernels, blocked, xla)")
     p.add_argument("--dpo-budget-s", type=float, default=200.0, help="start no new DPO configuration after this")
     p.add_argument("--dpo-warmup", type=int, default=2)
+    p.add_argument("--dpo-layers", choices=("scanned", "unrolled"), default="scanned",
+                   help="model.scan_layers of the DPO step (default scanned: one compiled layer, so each of the "
+                        "up to 16 configurations compiles in seconds, not minutes)")
     p.add_argument("--dpo-steps", type=int, default=5)
     p.add_argument("--gen-batch", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=128)

@@ -37,7 +37,7 @@ def test_dry_run_runs_every_stage_without_error(dry_run):
 def test_dry_run_measures_dpo_scoring_and_generation(dry_run):
     out, result = dry_run
     dpo = result["results"]["dpo"]["results"]
-    assert {r["reference"] for r in dpo} == {"live", "precomputed"}
+    assert {r["reference"] for r in dpo} == {"live", "precomputed"} and result["results"]["dpo"]["layers"] == "scanned"
     for row in dpo:
         assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["compile_s"] > 0, row
         assert row["model_flops"] > 0 and all(abs(x) < 1e3 for x in row["losses"]), row
