@@ -15,8 +15,9 @@ Stages (``--stages``, in this order; each is timed, a failing stage is recorded 
   chunked (:func:`jaxpref.logprobs.sequence_logprobs`) vs full ``[N, T, V]`` logits, on the device.
 * ``dpo`` -- the DPO train step (sigmoid, AdamW, float32 master weights, bfloat16 compute) of the
   ``llama3_2_1b`` preset (random init) at T 4096 and 2048, with a live and a precomputed reference, for each
-  attention backend, layers scanned (``--dpo-layers``): tokens/s and MFU (:func:`jaxpref.training.mfu.step_flops`, against the datasheet's dense
-  bf16 peak and against the measured matmul rate). Configurations run in priority order until
+  attention backend, layers scanned (``--dpo-layers``): tokens/s and MFU
+  (:func:`jaxpref.training.mfu.step_flops`, against the datasheet's dense bf16 peak and against the measured
+  matmul rate). Configurations run in priority order until
   ``--dpo-budget-s`` is spent; the rest are listed as skipped.
 * ``scoring`` -- ``eval.ranking``'s scorer (:func:`jaxpref.evaluation.score_pairs`) of ``--model`` on ``--data``
   (default: SmolLM2-135M-Instruct GGUF on the 2k HH-RLHF pairs, plain text, no EOS, max length 1024): float32

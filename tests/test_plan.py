@@ -255,8 +255,16 @@ def test_readme_table_is_the_committed_grid(tmp_path):
     copy.write_text(readme.replace(text, "stale\n"))
     plan_table.replace_readme_table(copy, text)
     assert copy.read_text() == readme
+    assert data["grid"]["layers"] == "scanned"
+    unrolled = json.loads((path.parent / "dpo_memory_unrolled.json").read_text())
+    sentence = plan_table.layout_sentence(data, unrolled)
+    assert sentence in " ".join(readme.split())
+    example = plan_table.cell_key(*plan_table.LAYOUT_EXAMPLE)  # the comparison is like for like
+    assert ({k: v for k, v in unrolled["cells"][example].items() if k not in ("compiled", "compile_s")}
+            == {k: v for k, v in data["cells"][example].items() if k not in ("compiled", "compile_s", "scan_layers")})
     for key, cell in data["cells"].items():  # every cell's arithmetic: state bytes <= peak, keys match
         preset, precision, remat, t, ref, n = key.split("|")
+        assert cell["scan_layers"] is True
         assert cell["model"] == f"preset:{preset}" and f"T={cell['seq_len']}" == t and int(n) == cell["devices"]
         b = cell["bytes_per_device"]
         assert b["params"] + b["optimizer"] + b["reference"] <= cell["compiled"]["peak"]
@@ -269,4 +277,4 @@ def test_grid_cell_configs_load():
     for cell in plan_table.cells(presets=("llama3_8b",), devices=(8,), seq_lens=(2048,)):
         cfg = load_config(RunConfig, None, plan_table.overrides(*cell))
         assert cfg.mesh.fsdp == 8 and cfg.data.max_length == 2048 and cfg.reference.strategy == cell[4]
-        assert (cfg.optim.state_dtype == "float32") == cell[1].startswith("bf16")
+        assert (cfg.optim.state_dtype == "float32") == cell[1].startswith("bf16") and cfg.model.scan_layers

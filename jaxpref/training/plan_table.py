@@ -2,10 +2,13 @@
 
 Grid: presets x precision (bf16 params + f32 Adam moments, or everything f32) x remat (off / full) x
 T (2048 / 8192) x reference (live / precomputed) x devices (8 / 64, all on the ``fsdp`` axis), one pair
-(two sequences) per device, AdamW, sigmoid DPO. ``python -m train.plan --grid --out FILE`` compiles the
-cells missing from ``FILE`` (cheapest first, saving after each), ``--table`` renders the table from it.
-Compiling one cell of a large model on fake CPU devices takes minutes, so the committed JSON may hold a
-subset of the grid; the table shows only compiled rows and says how many cells it has.
+(two sequences) per device, AdamW, sigmoid DPO, layers scanned (``model.scan_layers``, the layout for
+models of this size: with an unrolled stack XLA:CPU keeps every layer's gathered weights and recomputed
+activations alive at once, so remat saved almost nothing; ``results/plan/dpo_memory_unrolled.json`` holds
+the earlier unrolled grid and :func:`layout_sentence` compares one cell of the two).
+``python -m train.plan --grid --out FILE`` compiles the cells missing from ``FILE`` (cheapest first,
+saving after each), ``--table`` renders the table from it. The committed JSON may hold a subset of the
+grid (``--time-limit``); the table shows only compiled rows and says how many cells it has.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ REMAT = (False, True)
 SEQ_LENS = (2048, 8192)
 REFERENCES = ("live", "precomputed")
 DEVICES = (8, 64)
+LAYOUT = ("model.scan_layers=true",)
 README_BEGIN, README_END = "<!-- plan-table:begin -->", "<!-- plan-table:end -->"
 
 
@@ -39,7 +43,7 @@ def overrides(preset: str, precision: str, remat: bool, t: int, reference: str, 
     return [f"model.source=preset:{preset}", *PRECISIONS[precision], f"model.remat={str(remat).lower()}",
             f"data.max_length={t}", f"data.buckets=[{t}]", f"train.batch_size={devices}", "train.micro_batches=1",
             "mesh.data=1", f"mesh.fsdp={devices}", "mesh.tensor=1", f"reference.strategy={reference}",
-            "optim.name=adamw", "loss=[{name: sigmoid, hparams: {beta: 0.1}}]"]
+            "optim.name=adamw", "loss=[{name: sigmoid, hparams: {beta: 0.1}}]", *LAYOUT]
 
 
 def cells(presets=PRESETS, devices=DEVICES, seq_lens=SEQ_LENS) -> list[tuple]:
@@ -65,7 +69,7 @@ def run_grid(path: str | pathlib.Path, *, presets=PRESETS, devices=DEVICES, seq_
     data = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
     data["grid"] = {"presets": list(PRESETS), "precisions": list(PRECISIONS), "remat": ["off", "full"],
                     "seq_lens": list(SEQ_LENS), "references": list(REFERENCES), "devices": list(DEVICES),
-                    "pairs_per_device": 1, "optimizer": "adamw", "loss": "sigmoid (DPO)"}
+                    "pairs_per_device": 1, "optimizer": "adamw", "loss": "sigmoid (DPO)", "layers": "scanned"}
     data["note"] = planlib.CPU_NOTE
     t0 = time.perf_counter()
     for cell in cells(presets, devices, seq_lens):
@@ -84,6 +88,7 @@ def run_grid(path: str | pathlib.Path, *, presets=PRESETS, devices=DEVICES, seq_
                                                 "reference", "devices", "mesh", "batch_size", "seq_len",
                                                 "bytes_per_device", "compiled", "compile_s", "platform")}
         data["cells"][key]["audit_findings"] = len(p["audit"])
+        data["cells"][key]["scan_layers"] = cfg.model.scan_layers
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         log.info("%s: peak %.2f GiB per device (compile %.0f s)", key, p["compiled"]["peak"] / 2 ** 30,
@@ -121,9 +126,22 @@ def table(data: dict[str, Any]) -> str:
                                  + " | ".join(texts) + " |")
     total = len(PRESETS) * len(PRECISIONS) * len(REMAT) * len(SEQ_LENS) * len(cols)
     lines.append("")
-    lines.append(f"GiB per device: compiled peak (parameters + optimizer state + reference parameters). "
-                 f"{len(found)} of {total} grid cells compiled; {data.get('note', '')}.")
+    layers = data.get("grid", {}).get("layers", "unrolled")
+    lines.append(f"GiB per device: compiled peak (parameters + optimizer state + reference parameters), layers "
+                 f"{layers}. {len(found)} of {total} grid cells compiled; {data.get('note', '')}.")
     return "\n".join(lines) + "\n"
+
+
+LAYOUT_EXAMPLE = ("llama3_2_1b", "bf16 + f32 Adam", True, 2048, "live", 8)
+
+
+def layout_sentence(scanned: dict[str, Any], unrolled: dict[str, Any], cell: tuple = LAYOUT_EXAMPLE) -> str:
+    """The README's sentence on why the grid scans its layers: one cell's peak in both grids."""
+    key = cell_key(*cell)
+    preset, precision, remat, t, reference, devices = cell
+    return (f"{preset}, {precision}, remat {'full' if remat else 'off'}, T {t}, {reference} reference, "
+            f"{devices} devices: {_gib(unrolled['cells'][key]['compiled']['peak'])} GiB per device unrolled, "
+            f"{_gib(scanned['cells'][key]['compiled']['peak'])} GiB scanned")
 
 
 def replace_readme_table(readme: str | pathlib.Path, text: str) -> None:
