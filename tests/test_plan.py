@@ -228,6 +228,18 @@ def test_plan_reports_fit_and_search(devices):
     assert "fits: NO" in planlib.format_plan(tight)
 
 
+def test_plan_names_the_layer_layout_and_hints_at_scanning(devices):
+    """An unrolled remat plan on CPU says that XLA:CPU's peak then overstates and how to plan the scanned
+    layout; the scanned plan has no hint."""
+    plans = {scan: planlib.plan(tiny_cfg("model.overrides={num_layers: 2}", "model.remat=true",
+                                         f"model.scan_layers={str(scan).lower()}"), devices=devices)
+             for scan in (False, True)}
+    assert plans[False]["hint"] == planlib.UNROLLED_HINT and "hint" not in plans[True]
+    assert "layers unrolled" in planlib.format_plan(plans[False]) and "model.scan_layers=true" in planlib.format_plan(
+        plans[False])
+    assert "layers scanned" in planlib.format_plan(plans[True]) and plans[True]["scan_layers"] is True
+
+
 def test_fsdp_activations_stay_sharded(devices):
     """Per-device compiled temp memory of a DPO step with 8-way FSDP and 2 pairs per device stays that of one
     device running 2 pairs. Without the residual-stream constraints (``parallel.constrain``) GSPMD resolved

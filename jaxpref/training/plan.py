@@ -45,6 +45,9 @@ from jaxpref.types import PackedPairBatch, PairBatch, SFTBatch
 MiB, GiB = 2 ** 20, 2 ** 30
 AUDIT_MIN_BYTES = MiB
 KINDS = ("preference", "sft", "reward")
+UNROLLED_HINT = ("layers unrolled: XLA:CPU then keeps every layer's gathered weights and recomputed activations "
+                 "alive at once, so remat barely lowers this peak; model.scan_layers=true plans the layout that "
+                 "large models train in (results/plan/dpo_memory_unrolled.json vs dpo_memory.json)")
 CPU_NOTE = ("compiled temp memory (and so the peak) comes from an XLA:CPU compile: an estimate for GPU/TPU, "
             "whose compilers fuse and schedule differently; parameter, optimizer, reference and batch bytes are "
             "exact")
@@ -456,7 +459,7 @@ def plan(cfg: RunConfig, *, kind: str = "preference", devices=None, hbm: int | N
         "kind": kind, "model": cfg.model.source, "num_params": s.config.num_params(),
         "param_dtype": s.config.param_dtype, "compute_dtype": s.config.dtype,
         "optimizer": cfg.optim.name, "remat": s.config.remat and s.config.remat_policy,
-        "attention": s.config.attention, "reference": s.reference,
+        "attention": s.config.attention, "scan_layers": s.config.scan_layers, "reference": s.reference,
         **({"lora": {"rank": cfg.lora.rank, "quantize": cfg.lora.quantize, "targets": cfg.lora.targets,
                      "trainable_params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(s.state.params)))}}
            if s.lora else {}),
@@ -468,6 +471,8 @@ def plan(cfg: RunConfig, *, kind: str = "preference", devices=None, hbm: int | N
     }
     if devices[0].platform == "cpu":
         out["note"] = CPU_NOTE
+        if s.config.remat and not s.config.scan_layers and s.config.num_layers > 1:
+            out["hint"] = UNROLLED_HINT
     if hbm is not None:
         out["hbm"] = hbm
         out["fits"] = compiled["peak"] <= hbm
@@ -499,6 +504,7 @@ def format_plan(p: dict[str, Any]) -> str:
     rows = [
         f"plan: {p['kind']} step of {p['model']} ({p['num_params']:,} parameters), {p['param_dtype']} params, "
         f"{p['compute_dtype']} compute, remat={p['remat'] or 'off'}, attention={p['attention']}, "
+        f"layers {'scanned' if p.get('scan_layers') else 'unrolled'}, "
         f"reference={p['reference']}, optimizer={p['optimizer']}" + (
             f", LoRA r={p['lora']['rank']} ({p['lora']['trainable_params']:,} trainable"
             f"{', base ' + p['lora']['quantize'] if p['lora']['quantize'] else ''})" if "lora" in p else ""),
@@ -531,4 +537,6 @@ def format_plan(p: dict[str, Any]) -> str:
     rows.append(f"\ncompile {p['compile_s']:.1f} s, plan {p['plan_s']:.1f} s")
     if "note" in p:
         rows.append(f"note: {p['note']}")
+    if "hint" in p:
+        rows.append(f"hint: {p['hint']}")
     return "\n".join(rows) + "\n"
