@@ -2,6 +2,8 @@
 
     python bench/compile_time.py                       # both models, both layouts (a few minutes)
     python bench/compile_time.py --models tiny32 --rounds 2
+    python bench/compile_time.py --models tiny1,tiny32,tiny1_remat,tiny32_remat --rounds 3 \
+        --out bench/results/compile_time_quiet.json      # the committed file (about 4 minutes)
 
 The step is :func:`jaxpref.training.step.make_preference_step` (sigmoid DPO, live frozen reference,
 AdamW, clip 1.0), as in ``bench/dpo_step_vs_trl.py``, jitted with the state donated. For each model and
@@ -15,6 +17,9 @@ Models:
   * ``tiny1``: the same with 1 layer: the step's depth-independent compile cost (loss, log-probs, optimizer),
     so ``(tiny32 - tiny1) / 31`` is the compile cost of one more layer in each layout;
   * ``tiny32``: ``tiny_llama`` with 32 layers (D 32, 4 heads / 2 KV heads, V 128), 4 pairs x 64 tokens;
+  * ``tiny1_remat`` / ``tiny32_remat``: the same with ``remat`` (each layer rematerialised in the backward
+    pass, the setting for models at scale): the scanned loop body then saves only its input, while the
+    unrolled program recomputes every layer's forward inside its backward;
   * ``smollm2_135m``: SmolLM2-135M's shape (30 layers, D 576, V 49152; random init), 2 pairs x 128 tokens.
 
 ``--rounds`` alternates the layouts and keeps every timing (the machine is shared: read them with
@@ -37,6 +42,10 @@ import _common  # noqa: E402
 MODELS = {
     "tiny1": {"preset": "tiny_llama", "overrides": {"num_layers": 1}, "pairs": 4, "seq": 64, "run": False},
     "tiny32": {"preset": "tiny_llama", "overrides": {"num_layers": 32}, "pairs": 4, "seq": 64, "run": True},
+    "tiny1_remat": {"preset": "tiny_llama", "overrides": {"num_layers": 1, "remat": True}, "pairs": 4, "seq": 64,
+                    "run": False},
+    "tiny32_remat": {"preset": "tiny_llama", "overrides": {"num_layers": 32, "remat": True}, "pairs": 4, "seq": 64,
+                     "run": True},
     "smollm2_135m": {"preset": "smollm2_135m", "overrides": {}, "pairs": 2, "seq": 128, "run": False},
 }
 
@@ -86,6 +95,27 @@ def worker(name: str, scan: bool) -> dict:
     return out
 
 
+def readme_summary(payload: dict) -> str:
+    """The README's sentence on compile time (``tests/test_scan_layers.py`` checks that the README holds exactly
+    this text for ``bench/results/compile_time_quiet.json``)."""
+    s = payload["summary"]
+
+    def pair(name: str) -> str:
+        sc, un = s[name]["scanned"]["total_s"], s[name]["unrolled"]["total_s"]
+        return f"{sc:.1f} s scanned vs {un:.1f} s unrolled (**{un / sc:.2f}x**)"
+
+    text = (f"DPO train step compile time on CPU (`bench/results/compile_time_quiet.json`, median of "
+            f"{payload['config']['rounds']} rounds, load average {payload['load_avg']['before'][0]:.1f} at the "
+            f"start), 32-layer tiny Llama: {pair('tiny32')} without remat")
+    if "tiny32_remat" in s:
+        text += f", {pair('tiny32_remat')} with remat (the layout at scale: the loop body saves only its input)"
+    one = s["tiny1"]["unrolled"]["total_s"]
+    return text + (f"; a 1-layer model alone takes {one:.1f} s, the depth-independent loss, log-prob and optimizer "
+                   f"part that bounds the ratio, and each further layer adds "
+                   f"{s['tiny32']['scanned']['per_extra_layer_s']:.3f} s scanned against "
+                   f"{s['tiny32']['unrolled']['per_extra_layer_s']:.3f} s unrolled")
+
+
 def run_worker(name: str, scan: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--scan", str(int(scan))]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -126,10 +156,11 @@ def main(argv=None) -> None:
         s, u = med["scanned"], med["unrolled"]
         summary[name] = {**med, "speedup_total": u["total_s"] / s["total_s"],
                          "speedup_compile": u["compile_s"] / s["compile_s"]}
-    if "tiny1" in summary and "tiny32" in summary:
-        for layout in ("scanned", "unrolled"):
-            summary["tiny32"][layout]["per_extra_layer_s"] = (
-                summary["tiny32"][layout]["total_s"] - summary["tiny1"][layout]["total_s"]) / 31
+    for one, deep in (("tiny1", "tiny32"), ("tiny1_remat", "tiny32_remat")):
+        if one in summary and deep in summary:
+            for layout in ("scanned", "unrolled"):
+                summary[deep][layout]["per_extra_layer_s"] = (
+                    summary[deep][layout]["total_s"] - summary[one][layout]["total_s"]) / 31
     payload = {"env": _common.env(), "load_avg": {"before": load_before, "after": _common.load_avg()},
                "config": {"models": {k: MODELS[k] for k in args.models.split(",")}, "rounds": args.rounds,
                           "step": "make_preference_step sigmoid beta 0.1, live reference, adamw clip 1.0, "

@@ -381,3 +381,24 @@ def test_sharded_scanned_model(eight_devices, forward_results):
     got = _evaluate_models({"sharded": sharded}, False, *_row(128))["sharded"][0]
     want = results["tiny_qwen2", "unrolled"][0].astype(np.float64)
     assert np.all(np.abs(got - want) <= token_logp_tol(scanned.config, T, want))
+
+
+def test_readme_compile_time_is_the_committed_benchmark():
+    """The README's compile-time sentence is ``bench/results/compile_time_quiet.json`` formatted by
+    ``bench/compile_time.py``; in that file both layouts took the same first step (float32, 32 layers of a
+    width-32 model: the loss is ln 2 at step 0 and the gradient norms agree to summation-order rounding)."""
+    import importlib.util
+    import math
+    import pathlib
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("compile_time_bench", repo / "bench" / "compile_time.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    payload = json.loads((repo / "bench" / "results" / "compile_time_quiet.json").read_text())
+    assert bench.readme_summary(payload) in " ".join((repo / "README.md").read_text().split())
+    for name in ("tiny32", "tiny32_remat"):
+        steps = {r["scan_layers"]: r["first_step"] for r in payload["runs"] if r["model"] == name}
+        assert set(steps) == {True, False}, name
+        assert steps[True]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+        assert steps[True]["grad_norm"] == pytest.approx(steps[False]["grad_norm"], rel=1e-5)
