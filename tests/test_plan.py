@@ -5,6 +5,7 @@ One test is heavy (an 8B-wide plan in a subprocess, for its peak RSS); the rest 
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -238,6 +239,24 @@ def test_plan_names_the_layer_layout_and_hints_at_scanning(devices):
     assert "layers unrolled" in planlib.format_plan(plans[False]) and "model.scan_layers=true" in planlib.format_plan(
         plans[False])
     assert "layers scanned" in planlib.format_plan(plans[True]) and plans[True]["scan_layers"] is True
+
+
+@pytest.mark.parametrize("mesh", [(2, 4, 1), (2, 2, 2)])
+def test_data_times_fsdp_mesh_partitions_without_replicating_activations(mesh):
+    """On data x fsdp (x tensor) meshes the partitioner never falls back to replicating a tensor. The
+    embedding gradient used to: a scatter-add into the ``embed``-sharded table wanted the batch-sharded
+    residual gradient sharded on D ("Involuntary full rematerialization", one per step). A fresh process
+    with no compilation cache, so the partitioner really runs."""
+    data, fsdp, tensor = mesh
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["XLA_FLAGS"] = xla_flags(8)
+    proc = subprocess.run([sys.executable, "-m", "train.plan", "model.source=preset:tiny_llama", f"mesh.data={data}",
+                           f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", "train.batch_size=8", "data.max_length=64",
+                           "data.buckets=[64]", "--devices", "8"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sharding audit: 0 array(s)" in proc.stdout
+    assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_fsdp_activations_stay_sharded(devices):

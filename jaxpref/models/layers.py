@@ -23,7 +23,7 @@ from flax import nnx
 from jaxpref.models.attention import MaskSpec, attend
 from jaxpref.models.config import ModelConfig
 from jaxpref.models.lora import project
-from jaxpref.parallel import logical_param
+from jaxpref.parallel import constrain, logical_param
 
 F32 = jnp.float32
 
@@ -299,8 +299,14 @@ class Embedding(nnx.Module):
         self.embedding_vd = logical_param(init_normal(cfg, rngs, (cfg.vocab_size, cfg.hidden_size)), ("vocab", "embed"))
 
     def __call__(self, ids_bt: jax.Array) -> jax.Array:
-        """[B, T] int -> [B, T, D] in the compute dtype."""
-        table = self.embedding_vd[...]
+        """[B, T] int -> [B, T, D] in the compute dtype.
+
+        The lookup reads the table gathered over ``embed`` (as FSDP gathers every weight; ``vocab`` keeps its
+        tensor sharding): its gradient is then a local scatter-add of the batch-sharded residual gradient,
+        reduce-scattered back. Looked up in the ``embed``-sharded table, the scatter-add needs that gradient
+        sharded on D, which GSPMD cannot reach from a batch split over data x fsdp other than by replicating
+        it ("Involuntary full rematerialization"; ``tests/test_plan.py``)."""
+        table = constrain(self.embedding_vd[...], ("vocab", None))
         x = jnp.take(table, ids_bt, axis=0)
         if self.scale is not None:
             x = x * jnp.asarray(self.scale, table.dtype)
