@@ -375,7 +375,29 @@ def smollm(smollm_path):
 
 
 @pytest.fixture(scope="module")
-def hf_smollm(smollm_path):
+def transformers_gguf_parsed_once(smollm_path):
+    """While transformers reads the file: one ``gguf.GGUFReader`` per path and one tensor-name map per
+    (architecture, layers), instead of a fresh parse for the config, the weights and the tokenizer (~4 s
+    each, the 49152-entry vocabulary) and a fresh name map per module of the model (~400 maps). Both are
+    read-only in transformers (fields, tensor views, ``get_name``); jaxpref's own reader is not affected."""
+    import functools
+
+    readers, read = {}, gguf.GGUFReader
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = read(path, *args, **kwargs)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        patch.setattr(gguf, "GGUFReader", reader)
+        yield
+
+
+@pytest.fixture(scope="module")
+def hf_smollm(smollm_path, transformers_gguf_parsed_once):
     """transformers' model loaded from the same GGUF (float32, CPU, eval); ~25 s on 2 cores."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
@@ -391,7 +413,7 @@ def hf_smollm(smollm_path):
 
 
 @pytest.fixture(scope="module")
-def hf_smollm_tokenizer(smollm_path):
+def hf_smollm_tokenizer(smollm_path, transformers_gguf_parsed_once):
     """transformers' own GGUF tokenizer for the same file."""
     pytest.importorskip("torch")  # transformers reads GGUF configs only with torch installed
     from transformers import AutoTokenizer
