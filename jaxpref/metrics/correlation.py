@@ -12,13 +12,14 @@ whatever the data) or when either side is constant (undefined).
 from __future__ import annotations
 
 import numpy as np
-import scipy.stats
 
 MIN_POINTS = 3
 
 
 def average_ranks(x) -> np.ndarray:
     """``[N]`` float64 ranks 1..N of ``x``, ties sharing their average rank (``scipy.stats.rankdata``)."""
+    import scipy.stats  # here, not at import: jaxpref.metrics is imported by every training process
+
     return scipy.stats.rankdata(np.asarray(x, np.float64).reshape(-1), method="average")
 
 
@@ -37,10 +38,14 @@ def spearman(x, y) -> float:
     NaN for fewer than 3 values or a constant side.
     """
     xy = _pairs(x, y)
+    import scipy.stats
+
     return float("nan") if xy is None else float(scipy.stats.spearmanr(*xy).statistic)
 
 
 def pearson(x, y) -> float:
     """Pearson r of two ``[N]`` sequences (``scipy.stats.pearsonr``); NaN for fewer than 3 values or a constant side."""
     xy = _pairs(x, y)
+    import scipy.stats
+
     return float("nan") if xy is None else float(scipy.stats.pearsonr(*xy).statistic)
